@@ -1,0 +1,79 @@
+# Montage pre-training: make help lists the targets and the variables they take.
+# Every variable can be overridden:  make pretrain BANK=/data/coco_bank.h5 NUM_GPUS=8
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR):$(CURDIR)/projects/MontagePretrain:$(PYTHONPATH)
+
+# --- data -------------------------------------------------------------------------------------
+DATA_ROOT   ?= datasets/toy#                        built-in toy dataset (make toy writes it)
+TOY_SEED    ?= 0#                                   seed of the toy dataset
+TRAIN_JSON  ?= $(DATA_ROOT)/annotations/instances_train.json
+TRAIN_IMAGES?= $(DATA_ROOT)/train
+VAL_JSON    ?= $(DATA_ROOT)/annotations/instances_val.json
+VAL_IMAGES  ?= $(DATA_ROOT)/val
+# --- stages -----------------------------------------------------------------------------------
+OUT         ?= output/demo#                         everything a run writes goes under here
+BANK        ?= $(OUT)/bank.h5#                      HDF5 sample bank (make samples writes it)
+SEED        ?= 0#                                   seed for bank building and training
+WORKERS     ?= 2#                                   builder processes / loader workers
+BUILD_ARGS  ?=#                                     extra builder flags, e.g. --max-images 100
+NUM_GPUS    ?= 1#                                   processes per machine (0/1 on CPU)
+PRETRAIN_CONFIG ?= projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml
+PRETRAIN_OPTS   ?=#                                 extra KEY VALUE config overrides
+WEIGHTS     ?= $(OUT)/pretrain/montage_backbone.pkl# exported backbone handed to fine-tuning
+FINETUNE_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml
+FINETUNE_OPTS   ?=
+QUICK       ?= 0#                                   1 = smoke-sized make compare / bench
+
+.PHONY: help setup test toy samples pretrain finetune demo bench bench-gpu compare clean
+
+help: ## list targets and variables
+	@echo "Targets:"; grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sed 's/^/  /'
+	@echo "Variables (override with make TARGET VAR=value):"
+	@grep -E '^[A-Z_]+ *\?=' $(MAKEFILE_LIST) | sed -E 's/ *\?= */ = /; s/#/    # /' | sed 's/^/  /'
+
+setup: $(VENV)/.ready ## create the Python 3.11 venv with torch, Detectron2 and the rest
+$(VENV)/.ready: requirements.txt scripts/setup_env.sh scripts/install_detectron2.sh
+	VENV=$(VENV) bash scripts/setup_env.sh
+
+test: setup ## run the whole test suite (CPU only)
+	$(PY) -m pytest -q tests
+
+toy: setup ## write the built-in toy COCO-format dataset to DATA_ROOT
+	$(PY) scripts/make_toy_coco.py --out $(DATA_ROOT) --seed $(TOY_SEED)
+
+samples: setup ## build the HDF5 sample bank BANK from TRAIN_JSON/TRAIN_IMAGES
+	$(PY) -m builder build --annotations $(TRAIN_JSON) --images $(TRAIN_IMAGES) --out $(BANK) \
+	    --seed $(SEED) --workers $(WORKERS) --overwrite $(BUILD_ARGS)
+	$(PY) -m builder info $(BANK)
+
+pretrain: setup ## Montage pre-training from BANK with PRETRAIN_CONFIG; exports WEIGHTS
+	$(PY) projects/MontagePretrain/train_net.py --config-file $(PRETRAIN_CONFIG) \
+	    --num-gpus $(NUM_GPUS) MONTAGE.BANK $(BANK) OUTPUT_DIR $(OUT)/pretrain SEED $(SEED) \
+	    DATALOADER.NUM_WORKERS $(WORKERS) $(PRETRAIN_OPTS)
+
+finetune: setup ## fine-tune FINETUNE_CONFIG from WEIGHTS and print COCO AP
+	$(PY) scripts/finetune.py --config-file $(FINETUNE_CONFIG) --num-gpus $(NUM_GPUS) \
+	    --train-json $(TRAIN_JSON) --train-images $(TRAIN_IMAGES) \
+	    --val-json $(VAL_JSON) --val-images $(VAL_IMAGES) \
+	    MODEL.WEIGHTS $(WEIGHTS) OUTPUT_DIR $(OUT)/finetune SEED $(SEED) $(FINETUNE_OPTS)
+
+demo: setup ## toy data -> samples -> pretrain -> finetune -> AP table (CPU, ~20 min)
+	$(PY) scripts/demo.py --out $(OUT) --data-root $(DATA_ROOT)
+
+bench: setup ## CPU benchmarks: builder vs decode floor, ERF vs global step, loader throughput
+	$(PY) scripts/bench_builder.py --quick $(QUICK)
+	$(PY) scripts/bench_pretrain.py --quick $(QUICK)
+
+bench-gpu: setup ## full-scale throughput on the current CUDA device (tiny on CPU)
+	$(PY) scripts/bench_gpu.py
+
+compare: setup ## the paper's comparison at small scale (QUICK=1 for a smoke run)
+	$(PY) scripts/compare.py --quick $(QUICK) --out output/compare
+
+clean: ## remove outputs and caches (keeps the venv)
+	rm -rf output .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
