@@ -1,7 +1,7 @@
 """Config keys of Montage pre-training: all of them live under ``cfg.MONTAGE``."""
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_montage_config"]
+__all__ = ["add_montage_config", "assert_montage_cfg"]
 
 
 def add_montage_config(cfg):
@@ -55,5 +55,54 @@ def add_montage_config(cfg):
     # Strength of per-crop brightness/contrast/saturation jitter (0 = off).
     _C.MONTAGE.AUG.COLOR_JITTER = 0.0
 
+    # AMP compute dtype on CUDA when SOLVER.AMP.ENABLED: "bfloat16" (no loss scaling needed on
+    # Ampere/Hopper) or "float16".
+    _C.MONTAGE.AMP_DTYPE = "bfloat16"
+
     # Export written at the end of training (and by `python -m montage_pretrain.export`).
     _C.MONTAGE.EXPORT_NAME = "montage_backbone.pkl"
+
+
+def assert_montage_cfg(cfg, world_size=1):
+    """
+    Checks cross-key invariants of a Montage pre-training config and adapts it to the machine,
+    in place (the cfg must not be frozen). Raises ValueError with a one-line message naming the
+    key and the fix.
+
+    Adaptations (each logged): SyncBN on a single process becomes BN (SyncBN needs a process
+    group; on one device it is plain BN anyway); AMP without CUDA is switched off;
+    MODEL.DEVICE "cuda" without CUDA falls back to "cpu".
+    """
+    import logging
+
+    import torch
+
+    logger = logging.getLogger(__name__)
+    m = cfg.MONTAGE
+    if m.LOSS not in ("erf", "blockwise", "global", "single"):
+        raise ValueError(f"MONTAGE.LOSS={m.LOSS!r}: use erf, blockwise, global or single")
+    if not 0.0 <= m.TAU <= 1.0:
+        raise ValueError(f"MONTAGE.TAU={m.TAU}: must lie in [0, 1] (the paper uses 0.7)")
+    if not 0.0 < m.SPLIT < 1.0 / 3.0:
+        raise ValueError(
+            f"MONTAGE.SPLIT={m.SPLIT}: must be in (0, 1/3) so the T region's aspect stays < 0.5 "
+            "and the W region's > 1.5 (0.3 gives 67|157 on a 224 canvas)"
+        )
+    if not m.BANK:
+        raise ValueError("MONTAGE.BANK is empty: pass MONTAGE.BANK path/to/bank.h5 (make samples)")
+    if cfg.SOLVER.IMS_PER_BATCH % world_size:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
+            f"{world_size} processes; choose a multiple of {world_size}"
+        )
+    if cfg.MODEL.RESNETS.NORM in ("SyncBN", "naiveSyncBN") and world_size == 1:
+        logger.warning("MODEL.RESNETS.NORM=%s on one process: using plain BN", cfg.MODEL.RESNETS.NORM)
+        cfg.MODEL.RESNETS.NORM = "BN"
+    if not torch.cuda.is_available():
+        if cfg.MODEL.DEVICE.startswith("cuda"):
+            logger.warning("CUDA is not available: MODEL.DEVICE=cpu")
+            cfg.MODEL.DEVICE = "cpu"
+        if cfg.SOLVER.AMP.ENABLED:
+            logger.warning("CUDA is not available: SOLVER.AMP.ENABLED=False")
+            cfg.SOLVER.AMP.ENABLED = False
+    return cfg
