@@ -25,6 +25,7 @@ PRETRAIN_CONFIG ?= projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml
 PRETRAIN_OPTS   ?=#                                 extra KEY VALUE config overrides
 WEIGHTS     ?= $(OUT)/pretrain/montage_backbone.pkl# exported backbone handed to fine-tuning
 FINETUNE_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml
+FINETUNE_SCRATCH_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml
 FINETUNE_OPTS   ?=
 QUICK       ?= 0#                                   1 = smoke-sized make compare / bench
 
@@ -61,8 +62,14 @@ finetune: setup ## fine-tune FINETUNE_CONFIG from WEIGHTS and print COCO AP
 	    --val-json $(VAL_JSON) --val-images $(VAL_IMAGES) \
 	    MODEL.WEIGHTS $(WEIGHTS) OUTPUT_DIR $(OUT)/finetune SEED $(SEED) $(FINETUNE_OPTS)
 
-demo: setup ## toy data -> samples -> pretrain -> finetune -> AP table (CPU, ~20 min)
-	$(PY) scripts/demo.py --out $(OUT) --data-root $(DATA_ROOT)
+demo: setup ## toy data -> samples -> pretrain -> finetune (Montage and scratch) -> AP table
+	@test -f $(TRAIN_JSON) || $(MAKE) --no-print-directory toy
+	$(MAKE) --no-print-directory samples
+	$(MAKE) --no-print-directory pretrain
+	$(MAKE) --no-print-directory finetune
+	$(MAKE) --no-print-directory finetune WEIGHTS= OUT=$(OUT)/scratch \
+	    FINETUNE_CONFIG=$(FINETUNE_SCRATCH_CONFIG)
+	$(PY) scripts/report.py "Montage R-18=$(OUT)/finetune" "scratch R-18=$(OUT)/scratch/finetune"
 
 bench: setup ## CPU benchmarks: builder vs decode floor, ERF vs global step, loader throughput
 	$(PY) scripts/bench_builder.py --quick $(QUICK)

@@ -1,0 +1,81 @@
+"""Every YAML config of the project loads, and the solver matches the paper's defaults."""
+import glob
+import os
+
+import pytest
+
+from detectron2.config import get_cfg
+from montage_pretrain.config import add_montage_config, assert_montage_cfg
+
+PROJECT = os.path.join(os.path.dirname(__file__), "..", "..", "projects", "MontagePretrain")
+PRETRAIN_CONFIGS = sorted(
+    p for p in glob.glob(os.path.join(PROJECT, "configs", "**", "*.yaml"), recursive=True)
+    if os.sep + "finetune" + os.sep not in p
+)
+
+
+def load(path):
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    cfg.merge_from_file(path)
+    return cfg
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=os.path.basename)
+def test_pretrain_config_loads(path):
+    cfg = load(path)
+    assert cfg.MODEL.META_ARCHITECTURE == "MontageClassifier"
+    assert cfg.MODEL.WEIGHTS == ""  # from scratch, nothing downloaded
+    cfg.MONTAGE.BANK = "bank.h5"
+    assert_montage_cfg(cfg, world_size=1)
+    assert cfg.MODEL.RESNETS.NORM != "SyncBN"  # fell back to BN on one process
+
+
+def test_paper_defaults():
+    cfg = load(os.path.join(PROJECT, "configs", "montage_R_50.yaml"))
+    s = cfg.SOLVER
+    assert (s.MAX_ITER, s.IMS_PER_BATCH, s.WARMUP_ITERS) == (64000, 512, 1250)
+    assert s.BASE_LR * s.WARMUP_FACTOR == pytest.approx(0.2) and s.BASE_LR == 0.8
+    assert s.WEIGHT_DECAY == 1e-4 and s.MOMENTUM == 0.9
+    assert cfg.MONTAGE.TAU == 0.7 and cfg.MONTAGE.ERF_PERIOD == 5000
+    assert cfg.MODEL.RESNETS.DEPTH == 50
+
+
+def test_lr_schedule_is_warmup_then_cosine_to_zero():
+    """0.2 -> 0.8 linearly over 1250 iterations, then cosine from 0.8 to 0 over the rest."""
+    import math
+
+    import torch
+    from detectron2.solver import build_lr_scheduler
+
+    cfg = load(os.path.join(PROJECT, "configs", "montage_R_50.yaml"))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.SOLVER.BASE_LR)
+    sched = build_lr_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(cfg.SOLVER.MAX_ITER):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.2)
+    assert lrs[625] == pytest.approx(0.5, abs=1e-3)
+    assert lrs[1250] == pytest.approx(0.8, abs=1e-4)
+    mid = 1250 + (64000 - 1250) // 2
+    assert lrs[mid] == pytest.approx(0.4, abs=1e-3)
+    assert lrs[-1] < 1e-5
+    t = (40000 - 1250) / (64000 - 1250)
+    assert lrs[40000] == pytest.approx(0.4 * (1 + math.cos(math.pi * t)), abs=1e-4)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("MONTAGE.LOSS", "dense", "MONTAGE.LOSS"),
+    ("MONTAGE.TAU", 1.5, "MONTAGE.TAU"),
+    ("MONTAGE.SPLIT", 0.4, "MONTAGE.SPLIT"),
+    ("SOLVER.IMS_PER_BATCH", 7, "divisible"),
+])
+def test_bad_config_gives_one_line_error(key, value, match):
+    cfg = load(os.path.join(PROJECT, "configs", "montage_R_50.yaml"))
+    cfg.MONTAGE.BANK = "bank.h5"
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=match) as e:
+        assert_montage_cfg(cfg, world_size=2)
+    assert "\n" not in str(e.value)
