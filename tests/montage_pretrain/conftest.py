@@ -1,0 +1,86 @@
+"""Fixtures of the montage_pretrain tests: a tiny synthetic sample bank (builder/schema.py)."""
+import json
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from builder.schema import FORMAT_NAME, FORMAT_VERSION, GROUPS, group_of
+
+# Aspect (w/h) of the synthetic crops of each group: S, T, W.
+_ASPECTS = {0: (0.6, 1.4), 1: (0.25, 0.45), 2: (1.7, 3.0)}
+
+
+def crop_color(i):
+    """RGB colour of synthetic crop i (distinct per crop, so tests can tell crops apart)."""
+    return np.array([(37 * i + 11) % 251, (91 * i + 29) % 241, (13 * i + 101) % 239], np.uint8)
+
+
+def write_bank(path, n_s=8, n_t=3, n_w=3, num_classes=3, seed=0, encoding="png"):
+    """
+    Writes a bank of constant-colour crops (colour ``crop_color(i)``, RGB) with random sizes of
+    the right aspect per group, random labels 0..C and random /box areas unrelated to the crop
+    size (so the S ordering must use /box).
+    """
+    rng = np.random.default_rng(seed)
+    groups = np.array([0] * n_s + [1] * n_t + [2] * n_w, np.uint8)
+    rng.shuffle(groups)
+    n = len(groups)
+    blobs, sizes, boxes = [], [], []
+    for i, g in enumerate(groups):
+        h = int(rng.integers(12, 40))
+        w = max(1, int(round(h * rng.uniform(*_ASPECTS[int(g)]))))
+        assert group_of(w, h) == g
+        img = np.empty((h, w, 3), np.uint8)
+        img[:] = crop_color(i)
+        ext = ".png" if encoding == "png" else ".jpg"
+        ok, buf = cv2.imencode(ext, cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        assert ok
+        blobs.append(buf.reshape(-1))
+        sizes.append((h, w))
+        bw, bh = rng.uniform(5, 200, size=2)
+        boxes.append((3.0, 4.0, 3.0 + bw, 4.0 + bh))
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("crops", (n,), dtype=h5py.vlen_dtype(np.uint8))
+        for i, b in enumerate(blobs):
+            ds[i] = b
+        f["label"] = rng.integers(0, num_classes + 1, size=n).astype(np.int32)
+        f["group"] = groups
+        f["size"] = np.array(sizes, np.int32).reshape(n, 2)
+        f["image_id"] = np.arange(n, dtype=np.int64)
+        f["box"] = np.array(boxes, np.float32).reshape(n, 4)
+        f["crop_box"] = np.array(boxes, np.float32).reshape(n, 4)
+        for g, name in enumerate(GROUPS):
+            f[f"index/{name}"] = np.flatnonzero(groups == g).astype(np.int64)
+        f.attrs["format"] = FORMAT_NAME
+        f.attrs["version"] = FORMAT_VERSION
+        f.attrs["num_classes"] = num_classes
+        f.attrs["category_names"] = json.dumps([f"c{k}" for k in range(num_classes)])
+        f.attrs["category_ids"] = json.dumps(list(range(1, num_classes + 1)))
+        f.attrs["encoding"] = encoding
+    return str(path)
+
+
+@pytest.fixture
+def few_threads():
+    # The CI machine has 2 shared cores; tiny tensors do not need more.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def make_bank(tmp_path):
+    """Factory: ``make_bank(n_s=8, n_t=3, n_w=3, ...)`` -> path of a fresh synthetic bank."""
+    counter = iter(range(10**6))
+
+    def make(**kwargs):
+        return write_bank(tmp_path / f"bank{next(counter)}.h5", **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def bank_path(make_bank):
+    """A default synthetic bank: 8 S, 3 T, 3 W crops, 3 classes."""
+    return make_bank()

@@ -1,0 +1,182 @@
+import math
+
+import pytest
+import torch
+
+from montage_pretrain.montage import MontageTemplate, assemble_montages, assemble_single
+
+pytestmark = pytest.mark.usefixtures("few_threads")
+
+
+def _padded(sizes, fill, hm=None, wm=None):
+    """uint8 (n, 3, Hm, Wm) crops; crop i = fill(i, h, w) -> (3, h, w) uint8, zero padding."""
+    hm = hm or max(h for h, _ in sizes) + 3
+    wm = wm or max(w for _, w in sizes) + 5
+    crops = torch.zeros(len(sizes), 3, hm, wm, dtype=torch.uint8)
+    for i, (h, w) in enumerate(sizes):
+        crops[i, :, :h, :w] = fill(i, h, w)
+    return crops, torch.tensor(sizes, dtype=torch.long)
+
+
+def _ramp(i, h, w):
+    # value = x + y: linear, so bilinear resampling reproduces it exactly; its slopes along the
+    # two output axes reveal the two scale factors.
+    y = torch.arange(h)[:, None]
+    x = torch.arange(w)[None, :]
+    return (x + y).to(torch.uint8).expand(3, h, w)
+
+
+SIZES = [(30, 30), (20, 60), (70, 20), (50, 45), (40, 40), (25, 90), (100, 30), (60, 70)]
+
+
+def test_template_geometry():
+    t = MontageTemplate(224, 0.3)
+    assert t.a == 67
+    assert t.regions == ((0, 0, 67, 67), (0, 67, 67, 224), (67, 0, 224, 67), (67, 67, 224, 224))
+    assert t.region_hw == ((67, 67), (67, 157), (157, 67), (157, 157))
+    (wh, ww), (th, tw) = t.region_hw[1], t.region_hw[2]
+    assert ww / wh == pytest.approx(2.343, abs=1e-3) and ww / wh > 1.5
+    assert tw / th == pytest.approx(0.427, abs=1e-3) and tw / th < 0.5
+    masks = t.region_masks()
+    assert masks.shape == (4, 224, 224)
+    assert torch.equal(masks.sum(0), torch.ones(224, 224))
+    areas = t.region_areas()
+    assert areas.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(areas, masks.sum((1, 2)) / 224**2)
+    t.validate(32)
+    t.validate(16)
+
+
+@pytest.mark.parametrize("size,stride", [(224, 32), (224, 16), (160, 32), (320, 32), (448, 32)])
+def test_region_map_matches_masks(size, stride):
+    t = MontageTemplate(size, 0.3)
+    fh = t.feature_size(stride)
+    rmap = t.region_map(fh, fh, stride)
+    assert rmap.shape == (fh, fh) and rmap.dtype == torch.long
+    masks = t.region_masks()
+    for j in range(fh):
+        for k in range(fh):
+            cy, cx = int(math.floor((j + 0.5) * stride)), int(math.floor((k + 0.5) * stride))
+            assert masks[rmap[j, k], cy, cx] == 1
+    assert (torch.bincount(rmap.flatten(), minlength=4) > 0).all()
+    t.validate(stride)
+
+
+def test_region_map_counts_224_32():
+    rmap = MontageTemplate(224, 0.3).region_map(7, 7, 32)
+    # centres 16, 48 | 80 ... < 67 -> 2 rows/cols in TL
+    assert torch.bincount(rmap.flatten(), minlength=4).tolist() == [4, 10, 10, 25]
+
+
+def test_validate_errors():
+    with pytest.raises(ValueError, match="aspect"):
+        MontageTemplate(224, 0.34).validate(32)
+    with pytest.raises(ValueError, match="no feature position"):
+        MontageTemplate(96, 0.3).validate(64)  # a = 29 < first centre 32
+
+
+def test_no_padding_in_canvas():
+    crops, sizes = _padded(SIZES, lambda i, h, w: 200)
+    g = torch.Generator().manual_seed(0)
+    out = assemble_montages(crops, sizes, MontageTemplate(64, 0.3), scale_jitter=(1.0, 1.5),
+                            generator=g)
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
+    assert out.min() > 0
+    assert torch.allclose(out, torch.full_like(out, 200.0), atol=1e-3)
+    single = assemble_single(crops, sizes, 48, generator=g)
+    assert single.shape == (8, 3, 48, 48)
+    assert torch.allclose(single, torch.full_like(single, 200.0), atol=1e-3)
+
+
+def test_aspect_kept_and_cover_scale():
+    crops, sizes = _padded(SIZES, _ramp)
+    t = MontageTemplate(64, 0.3)
+    out = assemble_montages(crops, sizes, t, flip=False, scale_jitter=(1.0, 1.0))
+    for i, (h, w) in enumerate(SIZES):
+        b, r = divmod(i, 4)
+        y0, x0, y1, x1 = t.regions[r]
+        rh, rw = y1 - y0, x1 - x0
+        reg = out[b, 0, y0:y1, x0:x1]
+        s = max(rh / h, rw / w)  # the cover scale: the region is exactly filled on one axis
+        dy = reg[1:, :].sub(reg[:-1, :])[1:-1, 1:-1]
+        dx = reg[:, 1:].sub(reg[:, :-1])[1:-1, 1:-1]
+        # Same slope (1/s source pixels per output pixel) on both axes: no warping.
+        assert torch.allclose(dy, torch.full_like(dy, 1 / s), atol=1e-3), (i, s)
+        assert torch.allclose(dx, torch.full_like(dx, 1 / s), atol=1e-3), (i, s)
+
+
+def test_aspect_kept_with_zoom_jitter():
+    crops, sizes = _padded(SIZES, _ramp)
+    g = torch.Generator().manual_seed(3)
+    out = assemble_single(crops, sizes, 32, flip=False, scale_jitter=(1.0, 1.25), generator=g)
+    for i, (h, w) in enumerate(SIZES):
+        dy = out[i, 0, 1:, :].sub(out[i, 0, :-1, :])[1:-1, 1:-1]
+        dx = out[i, 0, :, 1:].sub(out[i, 0, :, :-1])[1:-1, 1:-1]
+        s_cover = max(32 / h, 32 / w)
+        slope = dy.mean().item()
+        assert 1 / (1.25 * s_cover) - 1e-4 <= slope <= 1 / s_cover + 1e-4
+        assert torch.allclose(dy, torch.full_like(dy, slope), atol=1e-3)
+        assert torch.allclose(dx, torch.full_like(dx, slope), atol=1e-3)
+
+
+def test_flip():
+    crops, sizes = _padded(SIZES * 2, _ramp)
+    t = MontageTemplate(64, 0.3)
+    a = assemble_montages(crops, sizes, t, flip=False, generator=torch.Generator().manual_seed(5))
+    b = assemble_montages(crops, sizes, t, flip=True, generator=torch.Generator().manual_seed(5))
+    flipped = 0
+    for m in range(4):
+        for (y0, x0, y1, x1) in t.regions:
+            ra, rb = a[m, :, y0:y1, x0:x1], b[m, :, y0:y1, x0:x1]
+            if torch.equal(ra, rb):
+                continue
+            assert torch.equal(ra.flip(-1), rb)
+            flipped += 1
+    assert 0 < flipped < 16
+
+
+def test_placement_order():
+    # crop b*4 + r has value 10 + 20*b + 5*r and must land in region r of montage b
+    sizes = [(30, 30), (20, 60), (60, 20), (40, 40)] * 3
+    crops, sizes = _padded(sizes, lambda i, h, w: 10 + 20 * (i // 4) + 5 * (i % 4))
+    t = MontageTemplate(96, 0.3)
+    out = assemble_montages(crops, sizes, t, generator=torch.Generator().manual_seed(0))
+    for b in range(3):
+        for r, (y0, x0, y1, x1) in enumerate(t.regions):
+            reg = out[b, :, y0:y1, x0:x1]
+            assert torch.allclose(reg, torch.full_like(reg, 10 + 20 * b + 5 * r), atol=1e-3)
+
+
+def test_color_jitter_and_determinism():
+    crops, sizes = _padded(SIZES, lambda i, h, w: torch.tensor([200, 100, 30])[:, None, None])
+    t = MontageTemplate(64, 0.3)
+    plain = assemble_montages(crops, sizes, t, generator=torch.Generator().manual_seed(1))
+    jit = assemble_montages(crops, sizes, t, color_jitter=0.4,
+                            generator=torch.Generator().manual_seed(1))
+    again = assemble_montages(crops, sizes, t, color_jitter=0.4,
+                              generator=torch.Generator().manual_seed(1))
+    assert torch.equal(jit, again)
+    assert not torch.allclose(jit, plain)
+    assert jit.min() >= 0 and jit.max() <= 255
+    with pytest.raises(ValueError, match="scale_jitter"):
+        assemble_montages(crops, sizes, t, scale_jitter=(0.8, 1.0))
+
+
+def test_downscale_antialias():
+    # A 1-pixel checkerboard downscaled 4x must average to grey, not alias to black/white.
+    h = w = 128
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    board = (((yy + xx) % 2) * 200).to(torch.uint8)
+    crops = board.expand(1, 3, h, w).contiguous()
+    out = assemble_single(crops, torch.tensor([[h, w]]), 32, flip=False, scale_jitter=(1.0, 1.0))
+    assert torch.allclose(out, torch.full_like(out, 100.0), atol=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    crops, sizes = _padded(SIZES, _ramp)
+    t = MontageTemplate(64, 0.3)
+    cpu = assemble_montages(crops, sizes, t, generator=torch.Generator().manual_seed(2))
+    gpu = assemble_montages(crops.cuda(), sizes.cuda(), t, generator=torch.Generator().manual_seed(2))
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-2)
