@@ -69,6 +69,12 @@ def few_threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(name="crop_color")
+def crop_color_fixture():
+    """The colour function of the synthetic crops (test modules cannot import conftest)."""
+    return crop_color
+
+
 @pytest.fixture
 def make_bank(tmp_path):
     """Factory: ``make_bank(n_s=8, n_t=3, n_w=3, ...)`` -> path of a fresh synthetic bank."""

@@ -177,6 +177,7 @@ def test_cuda_matches_cpu():
     crops, sizes = _padded(SIZES, _ramp)
     t = MontageTemplate(64, 0.3)
     cpu = assemble_montages(crops, sizes, t, generator=torch.Generator().manual_seed(2))
-    gpu = assemble_montages(crops.cuda(), sizes.cuda(), t, generator=torch.Generator().manual_seed(2))
+    gpu = assemble_montages(crops.cuda(), sizes.cuda(), t,
+                            generator=torch.Generator().manual_seed(2))
     assert gpu.device.type == "cuda"
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-2)

@@ -127,7 +127,8 @@ class MontageTemplate:
             )
         if feat_hw is None:
             feat_hw = (self.feature_size(stride),) * 2
-        counts = torch.bincount(self.region_map(feat_hw[0], feat_hw[1], stride).flatten(), minlength=4)
+        rmap = self.region_map(feat_hw[0], feat_hw[1], stride)
+        counts = torch.bincount(rmap.flatten(), minlength=4)
         if (counts == 0).any():
             raise ValueError(
                 f"{self}: with stride {stride} regions {counts.tolist()} (TL, TR, BL, BR) get no "
@@ -150,7 +151,8 @@ def _prepare(crops, sizes):
     half a pixel of a crop's bottom/right edge would otherwise blend in the zero padding.
     """
     if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
-        raise ValueError(f"crops must be uint8 (N, 3, H, W), got {crops.dtype} {tuple(crops.shape)}")
+        raise ValueError(
+            f"crops must be uint8 (N, 3, H, W), got {crops.dtype} {tuple(crops.shape)}")
     x = crops.float()
     sizes = sizes.to(crops.device).long()
     if (sizes < 1).any() or (sizes[:, 0] > x.shape[2]).any() or (sizes[:, 1] > x.shape[3]).any():

@@ -1,0 +1,199 @@
+"""
+The infinite stream of Montage samples (2 S + 1 T + 1 W per montage) and its loader.
+
+Workers only draw, decode and pad crops; the montages themselves are assembled on the model's
+device by :func:`montage_pretrain.montage.assemble_montages`.
+"""
+import logging
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from builder.schema import GROUP_S, GROUP_T, GROUP_W, GROUPS
+from detectron2.utils import comm
+
+from .bank import SampleBank
+
+__all__ = ["MontageStream", "collate_montages", "build_montage_train_loader", "FALLBACKS"]
+
+logger = logging.getLogger(__name__)
+
+FALLBACKS = ("nearest", "error")
+# "nearest": the group nearest by aspect (T < S < W) that is not empty.
+_NEAREST = {GROUP_T: (GROUP_S, GROUP_W), GROUP_W: (GROUP_S, GROUP_T)}
+# (bank, group, source) triples already logged. A forked worker inherits the set, so a fallback
+# is logged once by the main process rather than once more per worker; a spawned worker logs it.
+_warned = set()
+
+
+def _warn_once(key, msg):
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg)
+
+
+class MontageStream(IterableDataset):
+    """
+    Endless stream of montage samples, each a dict:
+
+    * ``crops``: list of k uint8 tensors (3, h, w), RGB, in region order 0 = TL (the S crop with
+      the smaller original-box area), 1 = TR (W), 2 = BL (T), 3 = BR (larger-area S);
+    * ``labels``: int64 (k,).
+
+    Draws are uniform with replacement within each group, so there are no epochs. The RNG is
+    seeded from (seed, rank, worker id): every process and worker draws its own stream and the
+    stream is reproducible for a fixed world size and worker count.
+
+    Group fallback ("nearest"): a group with fewer than ``min_group_size`` crops is replaced by
+    the nearest usable group by aspect (T < S < W): a missing T draws from S (else W), a missing
+    W from S (else T), a missing S from the larger of W and T. The cover-crop fills the region
+    whatever the crop's aspect. Each substitution is logged once per process. "error" raises.
+
+    ``crops_per_image=1`` is the no-montage baseline: one crop drawn uniformly from the whole bank.
+    """
+
+    def __init__(self, bank_path, crops_per_image=4, seed=0, min_group_size=1, fallback="nearest"):
+        """
+        Args:
+            bank_path (str): HDF5 sample bank.
+            crops_per_image (int): 4 (montage) or 1 (single-crop baseline).
+            seed (int): base seed.
+            min_group_size (int): a group with fewer crops counts as empty.
+            fallback (str): one of :data:`FALLBACKS`.
+        """
+        super().__init__()
+        if crops_per_image not in (1, 4):
+            raise ValueError(f"crops_per_image={crops_per_image}: use 4 (montage) or 1 (single)")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback={fallback!r}: use one of {FALLBACKS}")
+        self.bank = SampleBank(bank_path)
+        self.crops_per_image = crops_per_image
+        self.seed = int(seed)
+        self.min_group_size = max(int(min_group_size), 1)
+        self.fallback = fallback
+        # Read the small arrays now (checks the bank early) and close the handle before any
+        # DataLoader fork; workers reopen their own for decoding.
+        self.labels = self.bank.labels
+        self.box_areas = self.bank.box_areas
+        self.pools = self._make_pools() if crops_per_image == 4 else None
+        if len(self.labels) == 0:
+            raise ValueError(f"sample bank {bank_path} is empty; rebuild it (make samples)")
+        self.bank.close()
+
+    def _make_pools(self, warn=True):
+        """Index arrays to draw S, T, W from, after the fallback rule."""
+        idx = {g: self.bank.group_indices(g) for g in (GROUP_S, GROUP_T, GROUP_W)}
+        usable = {g: len(v) >= self.min_group_size for g, v in idx.items()}
+        if not any(usable.values()):
+            raise ValueError(
+                f"{self.bank.path}: no group has >= {self.min_group_size} crops "
+                f"(S/T/W = {[len(idx[g]) for g in (GROUP_S, GROUP_T, GROUP_W)]}); rebuild the bank"
+            )
+        pools = {}
+        for g in (GROUP_S, GROUP_T, GROUP_W):
+            if usable[g]:
+                pools[g] = idx[g]
+                continue
+            if self.fallback == "error":
+                raise ValueError(
+                    f"{self.bank.path}: group {GROUPS[g]} has {len(idx[g])} crops < "
+                    f"MONTAGE.MIN_GROUP_SIZE={self.min_group_size}; set MONTAGE.GROUP_FALLBACK "
+                    "nearest or rebuild the bank"
+                )
+            if g == GROUP_S:
+                src = max((GROUP_W, GROUP_T), key=lambda k: (usable[k], len(idx[k])))
+            else:
+                src = next(k for k in _NEAREST[g] if usable[k])
+            pools[g] = idx[src]
+            if warn:
+                _warn_once((self.bank.path, g, src), (
+                    f"sample bank {self.bank.path}: group {GROUPS[g]} has {len(idx[g])} crops "
+                    f"(< {self.min_group_size}); drawing its crops from group {GROUPS[src]} "
+                    "(fallback 'nearest': T->S->W by aspect, S->larger of W/T), cover-cropped"
+                ))
+        return pools
+
+    def _rng(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return np.random.default_rng([self.seed, comm.get_rank(), worker])
+
+    def _draw(self, rng):
+        """Sample indices of one montage, in region order."""
+        if self.crops_per_image == 1:
+            return [int(rng.integers(len(self.labels)))]
+        p = self.pools
+        s1, s2 = (int(v) for v in p[GROUP_S][rng.integers(len(p[GROUP_S]), size=2)])
+        t = int(p[GROUP_T][rng.integers(len(p[GROUP_T]))])
+        w = int(p[GROUP_W][rng.integers(len(p[GROUP_W]))])
+        if self.box_areas[s2] < self.box_areas[s1]:
+            s1, s2 = s2, s1
+        return [s1, w, t, s2]
+
+    def __iter__(self):
+        if self.crops_per_image == 4:
+            self.pools = self._make_pools(warn=True)  # logs the fallback in this process
+        rng = self._rng()
+        while True:
+            idx = self._draw(rng)
+            crops = [torch.from_numpy(self.bank.decode(i)).permute(2, 0, 1).contiguous()
+                     for i in idx]
+            yield {"crops": crops, "labels": torch.as_tensor(self.labels[idx], dtype=torch.long)}
+
+
+def collate_montages(items):
+    """
+    Pads the crops of ``items`` into one tensor (in the worker, so only one copy crosses).
+
+    Args:
+        items (list[dict]): N samples of :class:`MontageStream`, k crops each.
+
+    Returns:
+        dict: ``crops`` uint8 (N*k, 3, Hm, Wm) zero-padded at the bottom/right, ``sizes`` int64
+        (N*k, 2) true (h, w), ``labels`` int64 (N, k).
+    """
+    crops = [c for it in items for c in it["crops"]]
+    sizes = torch.tensor([c.shape[1:] for c in crops], dtype=torch.long)
+    hm, wm = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    out = torch.zeros(len(crops), 3, hm, wm, dtype=torch.uint8)
+    for i, c in enumerate(crops):
+        out[i, :, : c.shape[1], : c.shape[2]] = c
+    labels = torch.stack([it["labels"] for it in items])
+    return {"crops": out, "sizes": sizes, "labels": labels}
+
+
+def build_montage_train_loader(cfg):
+    """
+    The training loader of this process: an endless iterator of collated batches.
+
+    Per-process batch = ``SOLVER.IMS_PER_BATCH // world_size`` montages; workers
+    ``DATALOADER.NUM_WORKERS`` (0 = in process); ``MONTAGE.LOSS == "single"`` streams one crop per
+    image. ``SEED < 0`` draws a random seed.
+    """
+    world = comm.get_world_size()
+    total = cfg.SOLVER.IMS_PER_BATCH
+    if total % world:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={total} is not divisible by the {world} processes; "
+            f"choose a multiple of {world}"
+        )
+    seed = cfg.SEED if cfg.SEED >= 0 else int.from_bytes(os.urandom(4), "little") % (2**31)
+    stream = MontageStream(
+        cfg.MONTAGE.BANK,
+        crops_per_image=1 if cfg.MONTAGE.LOSS == "single" else 4,
+        seed=seed,
+        min_group_size=cfg.MONTAGE.MIN_GROUP_SIZE,
+        fallback=cfg.MONTAGE.GROUP_FALLBACK,
+    )
+    workers = cfg.DATALOADER.NUM_WORKERS
+    return DataLoader(
+        stream,
+        batch_size=total // world,
+        num_workers=workers,
+        collate_fn=collate_montages,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
