@@ -55,6 +55,8 @@ def add_montage_config(cfg):
     # Strength of per-crop brightness/contrast/saturation jitter (0 = off).
     _C.MONTAGE.AUG.COLOR_JITTER = 0.0
 
+    # RegNet preset when MODEL.BACKBONE.NAME is build_montage_regnet_backbone (backbones.py).
+    _C.MONTAGE.REGNET = "RegNetX-4GF"
     # AMP compute dtype on CUDA when SOLVER.AMP.ENABLED: "bfloat16" (no loss scaling needed on
     # Ampere/Hopper) or "float16".
     _C.MONTAGE.AMP_DTYPE = "bfloat16"
