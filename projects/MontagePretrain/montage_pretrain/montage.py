@@ -174,11 +174,12 @@ def _color_jitter(x, strength, generator):
     b, c, s = (_uniform(n, 1 - strength, 1 + strength, generator, dev).view(n, 1, 1, 1)
                for _ in range(3))
     coef = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)  # RGB luma
-    x = x * b
+    # In place: x is the fresh roi_align output.
+    x.mul_(b)
     mean = (x * coef).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = (x - mean) * c + mean
+    x.sub_(mean).mul_(c).add_(mean)
     gray = (x * coef).sum(1, keepdim=True)
-    x = (x - gray) * s + gray
+    x.sub_(gray).mul_(s).add_(gray)
     return x.clamp_(0.0, 255.0)
 
 
