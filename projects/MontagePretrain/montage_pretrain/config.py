@@ -97,6 +97,11 @@ def assert_montage_cfg(cfg, world_size=1):
             f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
             f"{world_size} processes; choose a multiple of {world_size}"
         )
+    if cfg.SOLVER.WARMUP_ITERS >= cfg.SOLVER.MAX_ITER:
+        raise ValueError(
+            f"SOLVER.WARMUP_ITERS={cfg.SOLVER.WARMUP_ITERS} must be below SOLVER.MAX_ITER="
+            f"{cfg.SOLVER.MAX_ITER}: the cosine phase follows the warm-up"
+        )
     if cfg.MODEL.RESNETS.NORM in ("SyncBN", "naiveSyncBN") and world_size == 1:
         logger.warning("MODEL.RESNETS.NORM=%s on one process: using plain BN", cfg.MODEL.RESNETS.NORM)
         cfg.MODEL.RESNETS.NORM = "BN"

@@ -1,0 +1,221 @@
+"""The Montage pre-training model: any Detectron2 backbone + a 1x1 dense classification head."""
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.utils.events import get_event_storage
+
+from .bank import SampleBank
+from .erf import compute_erf_maps, erf_region_weights, erf_weight_map
+from .losses import blockwise_loss, blockwise_weights, erf_dense_loss, global_loss, single_loss
+from .montage import MontageTemplate, assemble_montages, assemble_single
+
+__all__ = ["MontageClassifier", "LOSSES"]
+
+LOSSES = ("erf", "blockwise", "global", "single")
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class MontageClassifier(nn.Module):
+    """
+    Montage pre-training (:paper:`Montage`, Zhou et al. ECCV 2020).
+
+    Input: a batch from :func:`montage_pretrain.data.build_montage_train_loader`, a dict with
+    ``crops`` uint8 (N*k, 3, Hm, Wm), ``sizes`` (N*k, 2) and ``labels`` (N, k), k = 4 crops per
+    montage (1 for the "single" baseline). The montages are assembled on the model's device
+    (GPU when present), normalised, and fed to ``backbone``; a 1x1 conv classifies every
+    position of the last (largest-stride) feature map into C + 1 classes.
+
+    Training returns ``{"loss_montage": loss}``; eval returns the logits (N, C+1, h, w).
+
+    Buffers: ``erf_weights`` (4, h, w) label weights of Eq. 2 for every feature position,
+    refreshed by :class:`montage_pretrain.hooks.ERFRefreshHook` and saved in checkpoints (so a
+    resumed run continues with the same targets); ``erf_iter`` the iteration of the last refresh
+    (-1 = never computed).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone,
+        num_classes,
+        template,
+        loss="erf",
+        tau=0.7,
+        pixel_mean,
+        pixel_std,
+        flip=True,
+        scale_jitter=(1.0, 1.25),
+        color_jitter=0.0,
+        erf_chunk=64,
+        channels_last=False,
+    ):
+        """
+        Args:
+            backbone (Backbone): e.g. from ``build_backbone(cfg)``; its largest-stride output
+                feeds the head.
+            num_classes (int): foreground categories C; the head predicts C + 1.
+            template (MontageTemplate): canvas size and region split.
+            loss (str): one of :data:`LOSSES`.
+            tau (float): least weight of a position's own region (Eq. 2).
+            pixel_mean, pixel_std (list[float]): per channel, in the crops' RGB order, 0..255.
+            flip, scale_jitter, color_jitter: per-crop augmentation (see ``assemble_montages``).
+            erf_chunk (int): images per forward/backward pass when computing ERF maps.
+            channels_last (bool): run the backbone in channels_last memory format.
+        """
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"MONTAGE.LOSS={loss!r} is unknown; use one of {LOSSES}")
+        self.backbone = backbone
+        shapes = backbone.output_shape()
+        self.in_feature = max(shapes, key=lambda k: shapes[k].stride)
+        shape = shapes[self.in_feature]
+        self.stride = shape.stride
+        self.num_classes = num_classes
+        self.template = template
+        self.loss_name = loss
+        self.tau = tau
+        self.aug = dict(flip=flip, scale_jitter=tuple(scale_jitter), color_jitter=color_jitter)
+        self.erf_chunk = erf_chunk
+        self.channels_last = channels_last
+
+        self.head = nn.Conv2d(shape.channels, num_classes + 1, kernel_size=1)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.constant_(self.head.bias, 0.0)
+
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+        # The feature-map size is measured, not assumed: backbones round odd sizes differently.
+        feat_h, feat_w = self._feature_size(template.size)
+        template.validate(self.stride)
+        self.register_buffer("region_map", template.region_map(feat_h, feat_w, self.stride), False)
+        self.register_buffer("region_areas", template.region_areas(), False)
+        # Until the first ERF refresh the targets are the block-wise ones (tau = 1).
+        self.register_buffer("erf_weights", blockwise_weights(self.region_map))
+        self.register_buffer("erf_iter", torch.tensor(-1, dtype=torch.long))
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_config(cls, cfg):
+        num_classes = cfg.MONTAGE.NUM_CLASSES or SampleBank(cfg.MONTAGE.BANK).num_classes
+        return {
+            "backbone": build_backbone(cfg),
+            "num_classes": num_classes,
+            "template": MontageTemplate(cfg.MONTAGE.INPUT_SIZE, cfg.MONTAGE.SPLIT),
+            "loss": cfg.MONTAGE.LOSS,
+            "tau": cfg.MONTAGE.TAU,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "flip": cfg.MONTAGE.AUG.FLIP,
+            "scale_jitter": cfg.MONTAGE.AUG.SCALE_JITTER,
+            "color_jitter": cfg.MONTAGE.AUG.COLOR_JITTER,
+            "erf_chunk": cfg.MONTAGE.ERF_CHUNK,
+            "channels_last": cfg.MONTAGE.CHANNELS_LAST,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    @torch.no_grad()
+    def _feature_size(self, size):
+        was_training = self.backbone.training
+        self.backbone.eval()
+        probe = torch.zeros(1, 3, size, size, device=self.device)
+        feat = self.backbone(probe)[self.in_feature]
+        self.backbone.train(was_training)
+        return feat.shape[-2:]
+
+    @torch.no_grad()
+    def make_images(self, batch):
+        """
+        Assembles and normalises the montages of ``batch`` on the model's device.
+
+        Returns:
+            Tensor: (N, 3, S, S) float32, normalised.
+        """
+        crops = batch["crops"].to(self.device, non_blocking=True)
+        sizes = batch["sizes"].to(self.device, non_blocking=True)
+        aug = self.aug if self.training else dict(flip=False, scale_jitter=(1.0, 1.0))
+        if self.loss_name == "single":
+            images = assemble_single(crops, sizes, self.template.size, **aug)
+        else:
+            images = assemble_montages(crops, sizes, self.template, **aug)
+        images = (images - self.pixel_mean) / self.pixel_std
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward(self, batch):
+        """
+        Args:
+            batch (dict): see the class docstring.
+
+        Returns:
+            dict[str, Tensor] in training (``loss_montage``), else logits (N, C+1, h, w).
+        """
+        images = self.make_images(batch)
+        logits = self.head(self.backbone(images)[self.in_feature])
+        if not self.training:
+            return logits
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        # The loss is computed in fp32 even under AMP: log-softmax over C+1 classes.
+        logits = logits.float()
+        if self.loss_name == "erf":
+            loss = erf_dense_loss(logits, labels, self.erf_weights, self.region_map)
+        elif self.loss_name == "blockwise":
+            loss = blockwise_loss(logits, labels, self.region_map)
+        elif self.loss_name == "global":
+            loss = global_loss(logits, labels, self.region_areas)
+        else:
+            loss = single_loss(logits, labels)
+        self._log_accuracy(logits, labels)
+        return {"loss_montage": loss}
+
+    @torch.no_grad()
+    def _log_accuracy(self, logits, labels):
+        """Top-1 accuracy of each crop from its region's pooled logits (a training monitor)."""
+        if labels.shape[1] == 1:
+            pred = logits.mean(dim=(2, 3)).argmax(1, keepdim=True)
+        else:
+            onehot = F.one_hot(self.region_map, 4).permute(2, 0, 1).to(logits.dtype)  # (4, h, w)
+            pooled = torch.einsum("nkhw,rhw->nrk", logits, onehot) / onehot.sum((1, 2))[:, None]
+            pred = pooled.argmax(-1)
+        get_event_storage().put_scalar("montage/crop_acc", (pred == labels).float().mean().item())
+
+    def refresh_erf_weights(self, batch, iteration):
+        """
+        Recomputes ``erf_weights`` (Eq. 2) from the ERF of the current network.
+
+        Each feature position's ERF map is the input-gradient magnitude of its output, averaged
+        over the montages of ``batch``; the network runs in eval mode so that the images of a
+        batch are independent (BN uses its running statistics), which is what lets one batched
+        backward pass compute many positions' ERFs at once.
+
+        Args:
+            batch (dict): montage batch as in :meth:`forward`.
+            iteration (int): stored in ``erf_iter``.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            images = self.make_images(batch)
+            maps = compute_erf_maps(
+                lambda x: self.backbone(x)[self.in_feature], images, chunk=self.erf_chunk
+            )
+        finally:
+            self.train(was_training)
+        h, w = self.region_map.shape
+        masks = self.template.region_masks(device=self.device)
+        weights = erf_region_weights(maps, masks, self.region_map.flatten(), self.tau)
+        self.erf_weights.copy_(erf_weight_map(weights, h, w))
+        self.erf_iter.fill_(iteration)
+        return maps

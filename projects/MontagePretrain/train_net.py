@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""
+Montage pre-training with Detectron2's trainer.
+
+    python projects/MontagePretrain/train_net.py --config-file configs/montage_R_50.yaml \
+        --num-gpus 8 MONTAGE.BANK datasets/coco_bank.h5 OUTPUT_DIR output/montage_R_50
+
+Several machines: add ``--num-machines M --machine-rank R --dist-url tcp://HOST:PORT``.
+At the end of training the backbone is exported to ``OUTPUT_DIR/MONTAGE.EXPORT_NAME`` for
+``MODEL.WEIGHTS`` of stock Detectron2 detection configs.
+"""
+import os
+import sys
+
+import torch
+
+import detectron2.utils.comm as comm
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from montage_pretrain import (  # noqa: E402
+    ERFRefreshHook,
+    ExportHook,
+    add_montage_config,
+    assert_montage_cfg,
+    build_montage_train_loader,
+)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the montage loader, bf16 AMP, and the ERF and export hooks."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED:
+            self._trainer.precision = getattr(torch, cfg.MONTAGE.AMP_DTYPE)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_montage_train_loader(cfg)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        # Pre-training has no detection test set; the training monitor is montage/crop_acc.
+        return {}
+
+    def build_hooks(self):
+        cfg = self.cfg
+        ret = super().build_hooks()
+        # ERF weights must be ready before the first step; export once training has finished.
+        ret.insert(0, ERFRefreshHook(cfg.MONTAGE.BANK, cfg.MONTAGE.ERF_PERIOD,
+                                     cfg.MONTAGE.ERF_NUM_IMAGES, seed=max(cfg.SEED, 0) + 7919))
+        ret.append(ExportHook(cfg, os.path.join(cfg.OUTPUT_DIR, cfg.MONTAGE.EXPORT_NAME)))
+        return ret
+
+
+def setup(args):
+    """Creates the config: defaults -> cfg.MONTAGE -> file -> command line -> checks."""
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    assert_montage_cfg(cfg, world_size=comm.get_world_size())
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        raise SystemExit("--eval-only: pre-training has no evaluation; fine-tune the export instead")
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main():
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()  # pragma: no cover

@@ -1,0 +1,60 @@
+"""End to end on a tiny bank: train_net trains, refreshes ERF weights, checkpoints, resumes, exports."""
+import os
+import pickle
+
+import torch
+
+from detectron2.engine import default_argument_parser
+
+import train_net
+
+TINY = [
+    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MONTAGE.INPUT_SIZE", "64", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "6",
+    "SOLVER.WARMUP_ITERS", "2", "SOLVER.BASE_LR", "0.01", "SOLVER.CHECKPOINT_PERIOD", "3",
+    "MONTAGE.ERF_PERIOD", "3", "MONTAGE.ERF_NUM_IMAGES", "2", "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.DEVICE", "cpu", "SEED", "1",
+]
+CONFIG = os.path.join(os.path.dirname(train_net.__file__), "configs", "Base-Montage.yaml")
+
+
+def run(bank, out, resume=False, extra=()):
+    argv = ["--config-file", CONFIG] + (["--resume"] if resume else [])
+    argv += ["MONTAGE.BANK", bank, "OUTPUT_DIR", str(out)] + TINY + list(extra)
+    return train_net.main(default_argument_parser().parse_args(argv))
+
+
+def test_pretrain_end_to_end_then_resume(bank_path, tmp_path):
+    out = tmp_path / "run"
+    run(bank_path, out)
+    files = set(os.listdir(out))
+    assert {"model_final.pth", "model_0000002.pth", "config.yaml", "metrics.json",
+            "montage_backbone.pkl", "montage_backbone.pkl.yaml"} <= files
+
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    mid = torch.load(out / "model_0000002.pth", map_location="cpu", weights_only=False)["model"]
+    # refreshed before iteration 0 (random init) and at iteration 3 by the hook
+    assert int(mid["erf_iter"]) == 0 and int(final["erf_iter"]) == 3
+    assert not torch.equal(mid["erf_weights"], final["erf_weights"])
+    assert torch.allclose(final["erf_weights"].sum(0), torch.ones(2, 2), atol=1e-5)
+
+    with open(out / "montage_backbone.pkl", "rb") as f:
+        export = pickle.load(f)
+    assert export["matching_heuristics"] and export["__author__"] == "MontagePretrain"
+    assert all(k.startswith(("stem.", "res")) for k in export["model"])
+    assert (export["model"]["res5.1.conv2.weight"] == final["backbone.res5.1.conv2.weight"]
+            .numpy()).all()
+
+    # Resume from the iteration-2 checkpoint: the ERF targets come from the checkpoint, are not
+    # recomputed before the first resumed step, and the run finishes at the same iteration.
+    os.remove(out / "model_final.pth")
+    (out / "last_checkpoint").write_text("model_0000002.pth")
+    cfg = train_net.setup(default_argument_parser().parse_args(
+        ["--config-file", CONFIG, "MONTAGE.BANK", bank_path, "OUTPUT_DIR", str(out)] + TINY))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 3
+    assert torch.equal(trainer.model.erf_weights, mid["erf_weights"])
+    trainer.train()
+    resumed = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert int(resumed["erf_iter"]) == 3
