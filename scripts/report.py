@@ -25,7 +25,7 @@ def load_row(name, run_dir):
     with open(path) as f:
         metrics = json.load(f)
     bbox = metrics.get("bbox", metrics)
-    return [name] + [bbox.get(k, float("nan")) for k in COLUMNS] + [metrics.get("wall_seconds")]
+    return [name] + [bbox.get(k, float("nan")) for k in COLUMNS] + [metrics.get("wall_s")]
 
 
 def main(argv=None):
