@@ -1,0 +1,242 @@
+"""
+Per-image work run in the builder's worker processes: decode the image once, cut the positive
+and negative crops by slicing, downscale them (``cv2.INTER_AREA``) and encode them once.
+
+Nothing here writes files or logs; problems travel back in :class:`ImageResult` so the parent
+reports them in image order.
+"""
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from .sampling import (
+    KEEP,
+    classify_boxes,
+    count_reasons,
+    enlarge_boxes,
+    image_rng,
+    sample_negatives,
+    snap_size,
+)
+from .schema import group_of
+
+__all__ = ["ExtractOptions", "ImageTask", "ImageResult", "ImageReadError", "read_image",
+           "encode_crop", "extract_image"]
+
+# Fast PNG level: crops are small and the bank is read far more often than written.
+_PNG_COMPRESSION = 1
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """
+    Crop settings shared by all images of a build.
+
+    Attributes:
+        seed (int): build seed; each image's RNG is seeded from (seed, image_id, pass).
+        num_classes (int): C; negatives get label C.
+        enlarge (tuple[float, float]): total enlargement range per side for positives.
+        min_size (int): minimum side (pixels) of a usable GT box and of a negative.
+        max_side (int): longer side of stored crops is downscaled to this (0 = keep).
+        encoding (str): "jpeg" or "png".
+        quality (int): JPEG quality 1..100.
+    """
+
+    seed: int = 0
+    num_classes: int = 1
+    enlarge: tuple = (1.0, 1.5)
+    min_size: int = 8
+    max_side: int = 256
+    encoding: str = "jpeg"
+    quality: int = 90
+
+
+@dataclass
+class ImageTask:
+    """
+    What a worker needs for one image (a pickled copy travels to the worker).
+
+    Attributes:
+        image_id (int), path (str), width (int), height (int): from the json.
+        boxes (ndarray): (K, 4) xyxy GT boxes as annotated.
+        labels (ndarray): (K,) int32 contiguous labels (-1 unknown category).
+        iscrowd (ndarray): (K,) bool.
+        num_negatives (int): negatives to place in this pass.
+        with_positives (bool): cut the positive crops (only in pass 0).
+        pass_index (int): 0 main pass, >= 1 negative make-up passes.
+    """
+
+    image_id: int
+    path: str
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    iscrowd: np.ndarray
+    num_negatives: int = 0
+    with_positives: bool = True
+    pass_index: int = 0
+
+
+@dataclass
+class ImageResult:
+    """
+    Crops of one image, rows in the bank's order (positives in annotation order, then negatives).
+
+    Attributes:
+        image_id (int): source image id.
+        ok (bool): False when the image could not be decoded (then there are no rows).
+        problems (list[tuple[str, str]]): ``(kind, message)`` found while processing.
+        crops (list[bytes]): encoded crops.
+        label (ndarray): (n,) int32.  group (ndarray): (n,) uint8.  size (ndarray): (n, 2) int32
+        (h, w).  box, crop_box (ndarray): (n, 4) float32 xyxy source pixels.
+        skipped (dict): skip reason -> count for this image's GT boxes (pass 0 only).
+        num_positives (int): positive rows (they come first).
+        neg_requested, neg_placed (int): negatives asked for / actually placed.
+    """
+
+    image_id: int
+    ok: bool = True
+    problems: list = field(default_factory=list)
+    crops: list = field(default_factory=list)
+    label: np.ndarray = None
+    group: np.ndarray = None
+    size: np.ndarray = None
+    box: np.ndarray = None
+    crop_box: np.ndarray = None
+    skipped: dict = field(default_factory=dict)
+    num_positives: int = 0
+    neg_requested: int = 0
+    neg_placed: int = 0
+
+
+class ImageReadError(Exception):
+    """An image file that cannot be used; ``kind`` is the problem kind for the report."""
+
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+
+
+def read_image(path):
+    """
+    Reads and decodes an image once, as uint8 BGR (H, W, 3).
+
+    A JPEG without its end-of-image marker is rejected as truncated: libjpeg would otherwise
+    return it grey-filled with only a warning, and crops of the grey part would be garbage.
+
+    Raises:
+        ImageReadError: kinds ``missing_file``, ``unreadable_file``, ``corrupt_image``.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageReadError("missing_file", f"{path}: image file not found; check --images or "
+                             "remove the image from the json") from None
+    except OSError as e:
+        raise ImageReadError("unreadable_file", f"{path}: cannot read image ({e.strerror}); "
+                             "fix its permissions or remove it from the json") from None
+    fix = "re-download the image or remove it from the json"
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < 0:
+        raise ImageReadError("corrupt_image", f"{path}: truncated JPEG (no end marker); {fix}")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        img = None
+    if img is None:
+        raise ImageReadError("corrupt_image", f"{path}: cannot decode image ({len(data)} bytes); "
+                             f"{fix}")
+    return img
+
+
+def encode_crop(crop, encoding="jpeg", quality=90):
+    """
+    Encodes a uint8 BGR (h, w, 3) crop as standard JPEG/PNG file bytes (any decoder gives the
+    right colours: PIL returns RGB, ``cv2.imdecode`` returns BGR).
+    """
+    if encoding == "jpeg":
+        ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    else:
+        ok, buf = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, _PNG_COMPRESSION])
+    if not ok:
+        raise RuntimeError(f"cv2.imencode failed for a {crop.shape} crop")
+    return buf.reshape(-1).tobytes()
+
+
+def _cut(img, crop_box, max_side):
+    """Slices the integer box out of ``img`` and downscales it; returns the (h, w, 3) crop."""
+    x0, y0, x1, y1 = (int(v) for v in crop_box)
+    crop = img[y0:y1, x0:x1]
+    w, h = snap_size(x1 - x0, y1 - y0, max_side)
+    if (w, h) != (x1 - x0, y1 - y0):
+        crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
+    return crop
+
+
+def extract_image(task, opts):
+    """
+    Decodes one image and cuts its positive and negative crops.
+
+    Args:
+        task (ImageTask): the image and what to cut from it.
+        opts (ExtractOptions): crop settings.
+
+    Returns:
+        ImageResult: rows ready for :class:`builder.writer.BankWriter`.
+    """
+    result = ImageResult(image_id=task.image_id)
+    try:
+        img = read_image(task.path)
+    except ImageReadError as e:
+        result.ok = False
+        result.problems.append((e.kind, str(e)))
+        return result
+    height, width = img.shape[:2]
+    if (width, height) != (task.width, task.height):
+        # Trust the pixels: boxes are clipped to what was decoded.
+        result.problems.append(("size_mismatch", (
+            f"{task.path}: image {task.image_id} decodes to {width}x{height} but the json says "
+            f"{task.width}x{task.height}; fix the json's width/height")))
+
+    # One RNG per (image, pass): draws happen in a fixed order (enlargement, then negatives).
+    rng = image_rng(opts.seed, task.image_id, task.pass_index)
+    clipped, reasons = classify_boxes(task.boxes, task.iscrowd, task.labels, width, height,
+                                      opts.min_size)
+    keep = reasons == KEEP
+    pos_boxes = clipped[keep]
+    pos_crop_boxes = enlarge_boxes(pos_boxes, width, height, opts.enlarge, rng)
+    # Negatives must not touch any annotated region, crowd and tiny boxes included.
+    neg_boxes = sample_negatives(clipped, width, height, task.num_negatives, rng,
+                                 ref_sizes=pos_crop_boxes[:, 2:] - pos_crop_boxes[:, :2],
+                                 min_size=opts.min_size)
+    result.neg_requested, result.neg_placed = int(task.num_negatives), len(neg_boxes)
+
+    if task.with_positives:
+        result.skipped = count_reasons(reasons)
+        labels = task.labels[keep].astype(np.int32)
+        boxes, crop_boxes = pos_boxes, pos_crop_boxes
+    else:
+        labels = np.zeros(0, dtype=np.int32)
+        boxes = crop_boxes = np.zeros((0, 4))
+    result.num_positives = len(labels)
+    labels = np.concatenate([labels, np.full(len(neg_boxes), opts.num_classes, dtype=np.int32)])
+    boxes = np.concatenate([boxes, neg_boxes])
+    crop_boxes = np.concatenate([crop_boxes, neg_boxes])
+
+    n = len(labels)
+    sizes = np.zeros((n, 2), dtype=np.int32)
+    groups = np.zeros(n, dtype=np.uint8)
+    for i in range(n):
+        crop = _cut(img, crop_boxes[i], opts.max_side)
+        h, w = crop.shape[:2]
+        sizes[i] = (h, w)
+        groups[i] = group_of(w, h)
+        result.crops.append(encode_crop(crop, opts.encoding, opts.quality))
+    result.label, result.group, result.size = labels, groups, sizes
+    result.box = boxes.astype(np.float32)
+    result.crop_box = crop_boxes.astype(np.float32)
+    return result
+

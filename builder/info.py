@@ -1,0 +1,114 @@
+"""
+Summarises a sample bank: counts per group and class, crop-size histogram, pos:neg ratio and the
+build's own report (``build_args``, ``counts``).
+"""
+
+import json
+import os
+
+import h5py
+import numpy as np
+
+from .schema import GROUPS, check_bank
+
+__all__ = ["summarize_bank", "format_summary", "SIZE_BINS"]
+
+# Histogram bins over the stored crop's longer side, in pixels: (..16], (16..32], ..., (512..).
+# Upper edges are inclusive so crops downscaled to exactly --max-side 256 land in "<=256".
+SIZE_BINS = (16, 32, 64, 128, 256, 512)
+
+
+def _attr(h5, key, default=None):
+    value = h5.attrs.get(key, default)
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
+def _json_attr(h5, key, default):
+    value = _attr(h5, key)
+    return default if value is None else json.loads(value)
+
+
+def summarize_bank(path):
+    """
+    Reads the per-sample arrays (not the crops) of a bank and summarises them.
+
+    Args:
+        path (str): bank file.
+
+    Returns:
+        dict: ``num_samples``, ``positives``, ``negatives``, ``groups`` ({"S": {"positives",
+        "negatives"}, ...}), ``classes`` (list of (label, category_id, name, count); background
+        last), ``size_hist`` ({group: counts per SIZE_BINS bin}), and the file's attributes.
+
+    Raises:
+        builder.schema.BankFormatError: not a sample bank.
+    """
+    with h5py.File(path, "r") as h5:
+        check_bank(h5, path)
+        label = h5["label"][...]
+        group = h5["group"][...]
+        size = h5["size"][...]
+        num_classes = int(_attr(h5, "num_classes"))
+        names = _json_attr(h5, "category_names", [str(i) for i in range(num_classes)])
+        ids = _json_attr(h5, "category_ids", list(range(num_classes)))
+        attrs = {k: _attr(h5, k) for k in ("encoding", "seed", "tool_version", "created")}
+        build_args = _json_attr(h5, "build_args", {})
+        counts = _json_attr(h5, "counts", {})
+    is_neg = label == num_classes
+    per_class = np.bincount(label, minlength=num_classes + 1)
+    longer = size.max(axis=1) if len(size) else np.zeros(0, dtype=np.int64)
+    bins = np.searchsorted(np.array(SIZE_BINS), longer, side="left")
+    return {
+        "path": path,
+        "file_mb": os.path.getsize(path) / 2**20,
+        "num_samples": int(len(label)),
+        "num_classes": num_classes,
+        "positives": int((~is_neg).sum()),
+        "negatives": int(is_neg.sum()),
+        "groups": {g: {"positives": int(((group == i) & ~is_neg).sum()),
+                       "negatives": int(((group == i) & is_neg).sum())}
+                   for i, g in enumerate(GROUPS)},
+        "classes": [(i, ids[i], names[i], int(per_class[i])) for i in range(num_classes)]
+        + [(num_classes, None, "background", int(per_class[num_classes]))],
+        "size_hist": {g: np.bincount(bins[group == i], minlength=len(SIZE_BINS) + 1).tolist()
+                      for i, g in enumerate(GROUPS)},
+        "build_args": build_args,
+        "counts": counts,
+        **attrs,
+    }
+
+
+def ratio_text(pos, neg):
+    """Formats positives:negatives as ``"10.00:1"``."""
+    if neg == 0:
+        return "inf" if pos else "n/a"
+    return f"{pos / neg:.2f}:1"
+
+
+def format_summary(summary):
+    """Returns the multi-line text printed by ``python -m builder info``."""
+    s = summary
+    lines = [
+        f"bank: {s['path']} ({s['file_mb']:.1f} MiB, {s['encoding']}, tool {s['tool_version']}, "
+        f"seed {s['seed']}, created {s['created']})",
+        f"samples: {s['num_samples']}  positives: {s['positives']}  negatives: {s['negatives']}  "
+        f"pos:neg = {ratio_text(s['positives'], s['negatives'])}",
+        "groups:",
+    ]
+    for g, c in s["groups"].items():
+        lines.append(f"  {g}: {c['positives'] + c['negatives']:>8}  (positives {c['positives']}, "
+                     f"negatives {c['negatives']})")
+    lines.append(f"classes ({s['num_classes']} + background): label  category_id  name  count")
+    for label, cid, name, count in s["classes"]:
+        lines.append(f"  {label:>4}  {'-' if cid is None else cid:>5}  {name:<20} {count}")
+    edges = [f"<={b}" for b in SIZE_BINS] + [f">{SIZE_BINS[-1]}"]
+    lines.append("crop size (longer side, px): " + "  ".join(f"{e:>6}" for e in edges))
+    for g, hist in s["size_hist"].items():
+        lines.append(f"  {g}:{'':26}" + "  ".join(f"{v:>6}" for v in hist))
+    lines.append("build args: " + json.dumps(s["build_args"], sort_keys=True))
+    lines.append("counts: " + json.dumps(s["counts"], sort_keys=True))
+    return "\n".join(lines)
