@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 # Image ids listed per report entry (the counts stay exact; the lists are examples).
 _MAX_LISTED_IDS = 20
+# Images per worker hand-off, and images in flight per worker (about 10 crops of ~10 KB each).
+_CHUNKSIZE = 4
+_WINDOW_PER_WORKER = 128
 
 
 class BuildError(RuntimeError):
@@ -58,12 +61,18 @@ class BuildOptions:
     Build settings (the CLI's flags).
 
     Attributes:
-        seed (int): RNG seed.  workers (int): processes (<= 1: in this process).
-        max_images (int or None): first N images of the json.  overwrite (bool): replace ``out``.
-        strict (bool): any input problem fails the build.  max_side (int): crop downscale (0 = keep).
-        quality (int): JPEG quality.  encoding (str): "jpeg" or "png".
-        neg_ratio (float): negatives per positive.  enlarge (tuple): positive enlargement range.
-        min_size (int): min box side in pixels.  max_passes (int): negative make-up passes.
+        seed (int): RNG seed.
+        workers (int): processes (<= 1: in this process).
+        max_images (int or None): first N images of the json.
+        overwrite (bool): replace ``out``.
+        strict (bool): any input problem fails the build.
+        max_side (int): crop downscale target of the longer side (0 = keep).
+        quality (int): JPEG quality.
+        encoding (str): "jpeg" or "png".
+        neg_ratio (float): negatives per positive.
+        enlarge (tuple): positive enlargement range.
+        min_size (int): min box side in pixels.
+        max_passes (int): negative make-up passes.
         progress (bool or None): tqdm bars (None = only on a terminal).
     """
 
@@ -98,8 +107,9 @@ class ProblemLog:
         if n <= self.max_logged:
             logger.warning("%s: %s", kind, message)
         elif n == self.max_logged + 1:
-            logger.warning("%s: further problems of this kind are only counted (see the summary)",
-                           kind)
+            logger.warning(
+                "%s: further problems of this kind are only counted (see the summary)", kind
+            )
 
     @property
     def total(self):
@@ -131,24 +141,41 @@ def _run(tasks, opts, workers):
         for task in tasks:
             yield extract_image(task, opts)
         return
-    chunksize = max(1, min(16, len(tasks) // (4 * workers)))
+    chunksize = max(1, min(_CHUNKSIZE, len(tasks) // (4 * workers)))
     # Not "fork": a parent that already ran OpenCV (its thread pool) can deadlock forked children
     # inside cv2.resize. The fork server is a clean process with the worker code pre-imported.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["builder.extract"])
+    fn = partial(extract_image, opts=opts)
+    # imap queues every task at once and buffers finished results until the parent takes them;
+    # feeding windows of tasks bounds the crops held in memory if the writer falls behind.
+    window = _WINDOW_PER_WORKER * workers
     with ctx.Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap(partial(extract_image, opts=opts), tasks, chunksize=chunksize)
+        for start in range(0, len(tasks), window):
+            yield from pool.imap(fn, tasks[start : start + window], chunksize=chunksize)
 
 
 def _plan(dataset, opts, neg_ratio):
     """Returns pass-1 tasks: images with at least one annotation, with their negative quota."""
     records = [r for r in dataset.images if len(r.boxes)]
-    planned = [int((classify_boxes(r.boxes, r.iscrowd, r.labels, r.width, r.height,
-                                   opts.min_size)[1] == KEEP).sum()) for r in records]
+    planned = []
+    for r in records:
+        _, reasons = classify_boxes(r.boxes, r.iscrowd, r.labels, r.width, r.height, opts.min_size)
+        planned.append(int((reasons == KEEP).sum()))
     quotas = allocate_negatives(planned, neg_ratio)
-    tasks = [ImageTask(image_id=r.image_id, path=r.path, width=r.width, height=r.height,
-                       boxes=r.boxes, labels=r.labels, iscrowd=r.iscrowd, num_negatives=int(q))
-             for r, q in zip(records, quotas)]
+    tasks = [
+        ImageTask(
+            image_id=r.image_id,
+            path=r.path,
+            width=r.width,
+            height=r.height,
+            boxes=r.boxes,
+            labels=r.labels,
+            iscrowd=r.iscrowd,
+            num_negatives=int(q),
+        )
+        for r, q in zip(records, quotas)
+    ]
     return tasks, int(sum(planned))
 
 
@@ -189,8 +216,13 @@ def _run_pass(tasks, pass_index, opts, options, writer, tally, problems):
         list[ImageTask]: the tasks whose image placed every negative asked of it (spare room).
     """
     desc = "images" if pass_index == 0 else f"negatives make-up pass {pass_index}"
-    results = tqdm(_run(tasks, opts, options.workers), total=len(tasks), desc=desc, unit="img",
-                   disable=_tqdm_disable(options))
+    results = tqdm(
+        _run(tasks, opts, options.workers),
+        total=len(tasks),
+        desc=desc,
+        unit="img",
+        disable=_tqdm_disable(options),
+    )
     placed, spare = 0, []
     for task, res in zip(tasks, results):
         for kind, message in res.problems:
@@ -202,8 +234,9 @@ def _run_pass(tasks, pass_index, opts, options, writer, tally, problems):
                 tally.failed += 1
                 tally.lost_annotations += len(task.boxes)
             continue
-        writer.append(res.crops, res.label, res.group, res.size, res.image_id, res.box,
-                      res.crop_box)
+        writer.append(
+            res.crops, res.label, res.group, res.size, res.image_id, res.box, res.crop_box
+        )
         tally.add(res)
         tally.images_used += pass_index == 0 and len(res.label) > 0
         placed += res.neg_placed
@@ -282,18 +315,24 @@ def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
     if os.path.exists(out_path) and not options.overwrite:
         raise BuildError(f"{out_path} already exists; pass --overwrite to replace it")
     if build_args is None:
-        build_args = dict(annotations=annotations, images=image_dir, out=out_path,
-                          **dataclasses.asdict(options))
+        build_args = dict(
+            annotations=annotations, images=image_dir, out=out_path, **dataclasses.asdict(options)
+        )
 
     dataset = load_coco(annotations, image_dir, options.max_images)
     problems = ProblemLog()
     for kind, message in dataset.problems:
         problems.add(kind, message)
     num_classes = len(dataset.category_ids)
-    opts = ExtractOptions(seed=options.seed, num_classes=num_classes,
-                          enlarge=tuple(options.enlarge), min_size=options.min_size,
-                          max_side=options.max_side, encoding=options.encoding,
-                          quality=options.quality)
+    opts = ExtractOptions(
+        seed=options.seed,
+        num_classes=num_classes,
+        enlarge=tuple(options.enlarge),
+        min_size=options.min_size,
+        max_side=options.max_side,
+        encoding=options.encoding,
+        quality=options.quality,
+    )
     tasks, planned_pos = _plan(dataset, opts, options.neg_ratio)
     num_planned = len(tasks)
     tally = _Tally(num_classes)
@@ -304,8 +343,11 @@ def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
             present.append(task)
             continue
         tally.lost_annotations += len(task.boxes)
-        problems.add("missing_file", f"{task.path}: image {task.image_id} not found; check "
-                     "--images or remove the image from the json")
+        problems.add(
+            "missing_file",
+            f"{task.path}: image {task.image_id} not found; check "
+            "--images or remove the image from the json",
+        )
     if options.strict and problems.total:
         raise _strict_error(problems)
     num_missing, tasks = len(tasks) - len(present), present
@@ -319,9 +361,13 @@ def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
             if shortfall <= 0 or not spare:
                 break
             extra = allocate_shortfall(len(spare), shortfall)
-            makeup = [dataclasses.replace(t, num_negatives=int(e), with_positives=False,
-                                          pass_index=pass_index)
-                      for t, e in zip(spare, extra) if e > 0]
+            makeup = [
+                dataclasses.replace(
+                    t, num_negatives=int(e), with_positives=False, pass_index=pass_index
+                )
+                for t, e in zip(spare, extra)
+                if e > 0
+            ]
             _run_pass(makeup, pass_index, opts, options, writer, tally, problems)
             # Unused candidates stay; the ones that just ran out of room leave.
             full = set(tally.exhausted)
@@ -334,15 +380,24 @@ def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
                 f"missing or unreadable, skipped {dict(tally.skipped)}; check --images, "
                 "--min-size and the json"
             )
-        counts = _counts(dataset, options, tally, problems, num_planned, planned_pos,
-                         num_missing)
-        writer.finalize({
-            "num_classes": num_classes,
-            "category_names": list(dataset.category_names),
-            "category_ids": list(dataset.category_ids),
-            "seed": int(options.seed),
-            "tool_version": __version__,
-            "build_args": build_args,
-            "counts": counts,
-        })
+        if tally.exhausted:
+            logger.info(
+                "%d image(s) had no room for all their negatives (e.g. %s); the shortfall went to "
+                "images with spare room, %d left",
+                len(set(tally.exhausted)),
+                sorted(set(tally.exhausted))[:5],
+                max(0, int(round(options.neg_ratio * tally.positives)) - tally.negatives),
+            )
+        counts = _counts(dataset, options, tally, problems, num_planned, planned_pos, num_missing)
+        writer.finalize(
+            {
+                "num_classes": num_classes,
+                "category_names": list(dataset.category_names),
+                "category_ids": list(dataset.category_ids),
+                "seed": int(options.seed),
+                "tool_version": __version__,
+                "build_args": build_args,
+                "counts": counts,
+            }
+        )
     return {"out": out_path, "seconds": time.perf_counter() - start, "counts": counts}

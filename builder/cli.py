@@ -27,32 +27,71 @@ logger = logging.getLogger("builder")
 
 
 def _add_build_parser(sub):
-    p = sub.add_parser("build", help="COCO json + images -> HDF5 sample bank",
-                       description="Extract positive (enlarged GT) and negative (IoU = 0) crops.")
+    p = sub.add_parser(
+        "build",
+        help="COCO json + images -> HDF5 sample bank",
+        description="Extract positive (enlarged GT) and negative (IoU = 0) crops.",
+    )
     p.add_argument("--annotations", required=True, metavar="JSON", help="COCO instances json")
-    p.add_argument("--images", required=True, metavar="DIR", help="directory of the json's file_name")
+    p.add_argument(
+        "--images", required=True, metavar="DIR", help="directory of the json's file_name"
+    )
     p.add_argument("--out", required=True, metavar="BANK.h5", help="bank to write")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes; the bank does not depend on it (default 1)")
-    p.add_argument("--max-images", type=int, default=None, metavar="N",
-                   help="use only the first N images of the json")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes; the bank does not depend on it (default 1)",
+    )
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use only the first N images of the json",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--strict", action="store_true",
-                   help="any input problem (missing/corrupt image, bad record) fails the build")
-    p.add_argument("--max-side", type=int, default=256, metavar="PX",
-                   help="downscale crops so the longer side is at most PX, keeping the aspect "
-                        "(0 = keep full size; default 256)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="any input problem (missing/corrupt image, bad record) fails the build",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=256,
+        metavar="PX",
+        help="downscale crops so the longer side is at most PX, keeping the aspect "
+        "(0 = keep full size; default 256)",
+    )
     p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality (default 90)")
-    p.add_argument("--encoding", choices=("jpeg", "png"), default="jpeg",
-                   help="crop encoding (default jpeg)")
-    p.add_argument("--neg-ratio", type=float, default=0.1, metavar="R",
-                   help="negatives per positive over the bank (default 0.1, the paper's 10:1)")
-    p.add_argument("--enlarge", type=float, nargs=2, default=[1.0, 1.5], metavar=("LO", "HI"),
-                   help="total enlargement of each positive side, drawn uniformly in [LO, HI] "
-                        "(default 1.0 1.5)")
-    p.add_argument("--min-size", type=int, default=8, metavar="PX",
-                   help="skip GT boxes whose clipped shorter side is below PX (default 8)")
+    p.add_argument(
+        "--encoding", choices=("jpeg", "png"), default="jpeg", help="crop encoding (default jpeg)"
+    )
+    p.add_argument(
+        "--neg-ratio",
+        type=float,
+        default=0.1,
+        metavar="R",
+        help="negatives per positive over the bank (default 0.1, the paper's 10:1)",
+    )
+    p.add_argument(
+        "--enlarge",
+        type=float,
+        nargs=2,
+        default=[1.0, 1.5],
+        metavar=("LO", "HI"),
+        help="total enlargement of each positive side, drawn uniformly in [LO, HI] "
+        "(default 1.0 1.5)",
+    )
+    p.add_argument(
+        "--min-size",
+        type=int,
+        default=8,
+        metavar="PX",
+        help="skip GT boxes whose clipped shorter side is below PX (default 8)",
+    )
     p.set_defaults(func=_cmd_build)
     return p
 
@@ -105,30 +144,44 @@ def parse_args(argv=None):
 def _format_build(report):
     c = report["counts"]
     smp, neg, ann, img = c["samples"], c["negatives"], c["annotations"], c["images"]
-    groups = ", ".join(f"{g} {smp['positives_by_group'][g] + smp['negatives_by_group'][g]} "
-                       f"({smp['negatives_by_group'][g]} neg)" for g in smp["positives_by_group"])
+    groups = ", ".join(
+        f"{g} {smp['positives_by_group'][g] + smp['negatives_by_group'][g]} "
+        f"({smp['negatives_by_group'][g]} neg)"
+        for g in smp["positives_by_group"]
+    )
     problems = ", ".join(f"{k} {v}" for k, v in c["problems"].items()) or "none"
-    return "\n".join([
-        f"wrote {report['out']} in {report['seconds']:.1f} s: {smp['total']} samples, "
-        f"{smp['positives']} positives, {smp['negatives']} negatives, "
-        f"pos:neg = {ratio_text(smp['positives'], smp['negatives'])}",
-        f"groups: {groups}",
-        f"images: {img['selected']} selected, {img['decoded']} decoded, {img['missing']} missing, "
-        f"{img['failed']} failed, {img['without_annotations']} without annotations",
-        "skipped GT boxes: " + ", ".join(f"{k} {v}" for k, v in ann["skipped"].items()),
-        f"negatives: target {neg['target']}, placed per pass {neg['placed_by_pass']}, shortfall "
-        f"{neg['shortfall']}, images without room {neg['images_exhausted']} "
-        f"{neg['exhausted_image_ids'] or ''}".rstrip(),
-        f"problems: {problems}",
-    ])
+    return "\n".join(
+        [
+            f"wrote {report['out']} in {report['seconds']:.1f} s: {smp['total']} samples, "
+            f"{smp['positives']} positives, {smp['negatives']} negatives, "
+            f"pos:neg = {ratio_text(smp['positives'], smp['negatives'])}",
+            f"groups: {groups}",
+            f"images: {img['selected']} selected, {img['decoded']} decoded, "
+            f"{img['missing']} missing, {img['failed']} failed, "
+            f"{img['without_annotations']} without annotations",
+            "skipped GT boxes: " + ", ".join(f"{k} {v}" for k, v in ann["skipped"].items()),
+            f"negatives: target {neg['target']}, placed per pass {neg['placed_by_pass']}, "
+            f"shortfall {neg['shortfall']}, images without room {neg['images_exhausted']} "
+            f"{neg['exhausted_image_ids'] or ''}".rstrip(),
+            f"problems: {problems}",
+        ]
+    )
 
 
 def _cmd_build(args):
     options = BuildOptions(
-        seed=args.seed, workers=args.workers, max_images=args.max_images,
-        overwrite=args.overwrite, strict=args.strict, max_side=args.max_side,
-        quality=args.quality, encoding=args.encoding, neg_ratio=args.neg_ratio,
-        enlarge=tuple(args.enlarge), min_size=args.min_size)
+        seed=args.seed,
+        workers=args.workers,
+        max_images=args.max_images,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        max_side=args.max_side,
+        quality=args.quality,
+        encoding=args.encoding,
+        neg_ratio=args.neg_ratio,
+        enlarge=tuple(args.enlarge),
+        min_size=args.min_size,
+    )
     build_args = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     report = build_bank(args.annotations, args.images, args.out, options, build_args)
     print(_format_build(report))
@@ -137,8 +190,10 @@ def _cmd_build(args):
 
 def _require_bank(path):
     if not os.path.isfile(path):
-        raise BankFormatError(f"{path}: no such bank file; build one with `python -m builder "
-                              f"build --annotations JSON --images DIR --out {path}`")
+        raise BankFormatError(
+            f"{path}: no such bank file; build one with `python -m builder "
+            f"build --annotations JSON --images DIR --out {path}`"
+        )
 
 
 def _cmd_info(args):
@@ -149,8 +204,7 @@ def _cmd_info(args):
 
 def _cmd_show(args):
     _require_bank(args.bank)
-    h, w = write_grid(args.bank, args.out, per_group=args.per_group, cell=args.cell,
-                      seed=args.seed)
+    h, w = write_grid(args.bank, args.out, per_group=args.per_group, cell=args.cell, seed=args.seed)
     print(f"wrote {args.out} ({w}x{h} px, rows S/T/W)")
     return 0
 
@@ -171,4 +225,3 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("builder: interrupted; no output written", file=sys.stderr)
         return 130
-

@@ -97,18 +97,26 @@ def _load_categories(cats, json_path, problems):
     by_id = {}
     for i, cat in enumerate(cats):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            problems.append(("bad_category", f"categories[{i}]: entry without an integer 'id'; "
-                             "fix or remove it in the json"))
+            problems.append(
+                (
+                    "bad_category",
+                    f"categories[{i}]: entry without an integer 'id'; fix or remove it in the json",
+                )
+            )
             continue
         if cat["id"] in by_id:
-            problems.append(("bad_category", f"category id {cat['id']} appears twice; keep one "
-                             "entry per id in the json"))
+            problems.append(
+                (
+                    "bad_category",
+                    f"category id {cat['id']} appears twice; keep one entry per id in the json",
+                )
+            )
             continue
         by_id[cat["id"]] = str(cat.get("name", cat["id"]))
     if not by_id:
         raise CocoFormatError(
             f"{json_path}: no usable categories; a COCO instances json lists them under "
-            "'categories' as {\"id\": int, \"name\": str}"
+            '\'categories\' as {"id": int, "name": str}'
         )
     ids = sorted(by_id)
     return ids, [by_id[i] for i in ids]
@@ -118,17 +126,33 @@ def _load_images(images, max_images, problems):
     """Returns the selected image entries (json order) and the set of all valid ids."""
     selected, all_ids = [], set()
     for i, img in enumerate(images):
-        ok = (isinstance(img, dict) and _is_int(img.get("id")) and isinstance(img.get("file_name"), str)
-              and _is_int(img.get("width")) and _is_int(img.get("height"))
-              and img["width"] > 0 and img["height"] > 0)
+        ok = (
+            isinstance(img, dict)
+            and _is_int(img.get("id"))
+            and isinstance(img.get("file_name"), str)
+            and _is_int(img.get("width"))
+            and _is_int(img.get("height"))
+            and img["width"] > 0
+            and img["height"] > 0
+        )
         if not ok:
             item = f"image {img.get('id')!r}" if isinstance(img, dict) else f"images[{i}]"
-            problems.append(("bad_image_record", f"{item}: entry needs integer 'id', 'width', "
-                             "'height' > 0 and a 'file_name'; fix or remove it in the json"))
+            problems.append(
+                (
+                    "bad_image_record",
+                    f"{item}: entry needs integer 'id', 'width', "
+                    "'height' > 0 and a 'file_name'; fix or remove it in the json",
+                )
+            )
             continue
         if img["id"] in all_ids:
-            problems.append(("duplicate_image_id", f"image {img['id']}: id used twice in the json; "
-                             "the later entry is ignored, give each image a unique id"))
+            problems.append(
+                (
+                    "duplicate_image_id",
+                    f"image {img['id']}: id used twice in the json; "
+                    "the later entry is ignored, give each image a unique id",
+                )
+            )
             continue
         all_ids.add(img["id"])
         if max_images is None or len(selected) < max_images:
@@ -166,7 +190,8 @@ def load_coco(json_path, image_dir, max_images=None):
     if missing:
         raise CocoFormatError(
             f"{json_path}: not a COCO instances json (missing or non-list key(s): "
-            f"{', '.join(missing)}); pass an instances file, e.g. annotations/instances_train2017.json"
+            f"{', '.join(missing)}); pass an instances file such as "
+            "annotations/instances_train2017.json"
         )
     problems = []
     cat_ids, cat_names = _load_categories(data["categories"], json_path, problems)
@@ -177,25 +202,44 @@ def load_coco(json_path, image_dir, max_images=None):
     for i, ann in enumerate(data["annotations"]):
         ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
         bbox = ann.get("bbox") if isinstance(ann, dict) else None
-        if (not isinstance(ann, dict) or not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
-                or "image_id" not in ann):
-            problems.append(("bad_annotation", f"annotation {ann_id}: needs 'image_id' and a 4-number "
-                             "'bbox' [x, y, w, h]; fix or remove it in the json"))
+        if (
+            not isinstance(ann, dict)
+            or not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+            or "image_id" not in ann
+        ):
+            problems.append(
+                (
+                    "bad_annotation",
+                    f"annotation {ann_id}: needs 'image_id' and a 4-number "
+                    "'bbox' [x, y, w, h]; fix or remove it in the json",
+                )
+            )
             continue
         image_id = ann["image_id"]
         if image_id not in all_ids:
-            problems.append(("orphan_annotation", f"annotation {ann_id}: image_id {image_id!r} is "
-                             "not in 'images'; add the image entry or drop the annotation"))
+            problems.append(
+                (
+                    "orphan_annotation",
+                    f"annotation {ann_id}: image_id {image_id!r} is "
+                    "not in 'images'; add the image entry or drop the annotation",
+                )
+            )
             continue
         if image_id not in per_image:  # image left out by --max-images
             continue
         cid = ann.get("category_id")
         label = label_of.get(cid, -1)
         if label < 0:
-            problems.append(("unknown_category", f"annotation {ann_id} (image {image_id}): "
-                             f"category_id {cid!r} is not in 'categories'; add the category or drop "
-                             "the annotation (its box still blocks negatives)"))
+            problems.append(
+                (
+                    "unknown_category",
+                    f"annotation {ann_id} (image {image_id}): "
+                    f"category_id {cid!r} is not in 'categories'; add the category or drop "
+                    "the annotation (its box still blocks negatives)",
+                )
+            )
         per_image[image_id].append((bbox, label, bool(ann.get("iscrowd", 0))))
 
     records, num_annotations = [], 0
@@ -205,18 +249,26 @@ def load_coco(json_path, image_dir, max_images=None):
         xywh = np.array([a[0] for a in anns], dtype=np.float64).reshape(-1, 4)
         boxes = xywh.copy()
         boxes[:, 2:] += boxes[:, :2]
-        records.append(ImageRecord(
-            image_id=img["id"],
-            file_name=img["file_name"],
-            path=os.path.join(image_dir, img["file_name"]),
-            width=img["width"],
-            height=img["height"],
-            boxes=boxes,
-            labels=np.array([a[1] for a in anns], dtype=np.int32),
-            iscrowd=np.array([a[2] for a in anns], dtype=bool),
-        ))
-    logger.info("loaded %s: %d categories, %d of %d images, %d annotations", json_path,
-                len(cat_ids), len(records), len(data["images"]), num_annotations)
+        records.append(
+            ImageRecord(
+                image_id=img["id"],
+                file_name=img["file_name"],
+                path=os.path.join(image_dir, img["file_name"]),
+                width=img["width"],
+                height=img["height"],
+                boxes=boxes,
+                labels=np.array([a[1] for a in anns], dtype=np.int32),
+                iscrowd=np.array([a[2] for a in anns], dtype=bool),
+            )
+        )
+    logger.info(
+        "loaded %s: %d categories, %d of %d images, %d annotations",
+        json_path,
+        len(cat_ids),
+        len(records),
+        len(data["images"]),
+        num_annotations,
+    )
     return CocoDataset(
         category_ids=cat_ids,
         category_names=cat_names,

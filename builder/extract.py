@@ -1,6 +1,6 @@
 """
 Per-image work run in the builder's worker processes: decode the image once, cut the positive
-and negative crops by slicing, downscale them (``cv2.INTER_AREA``) and encode them once.
+and negative crops by slicing, downscale them (:func:`downscale`) and encode them once.
 
 Nothing here writes files or logs; problems travel back in :class:`ImageResult` so the parent
 reports them in image order.
@@ -22,8 +22,16 @@ from .sampling import (
 )
 from .schema import group_of
 
-__all__ = ["ExtractOptions", "ImageTask", "ImageResult", "ImageReadError", "read_image",
-           "encode_crop", "extract_image"]
+__all__ = [
+    "ExtractOptions",
+    "ImageTask",
+    "ImageResult",
+    "ImageReadError",
+    "read_image",
+    "encode_crop",
+    "downscale",
+    "extract_image",
+]
 
 # Fast PNG level: crops are small and the bank is read far more often than written.
 _PNG_COMPRESSION = 1
@@ -134,11 +142,16 @@ def read_image(path):
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise ImageReadError("missing_file", f"{path}: image file not found; check --images or "
-                             "remove the image from the json") from None
+        raise ImageReadError(
+            "missing_file",
+            f"{path}: image file not found; check --images or remove the image from the json",
+        ) from None
     except OSError as e:
-        raise ImageReadError("unreadable_file", f"{path}: cannot read image ({e.strerror}); "
-                             "fix its permissions or remove it from the json") from None
+        raise ImageReadError(
+            "unreadable_file",
+            f"{path}: cannot read image ({e.strerror}); "
+            "fix its permissions or remove it from the json",
+        ) from None
     fix = "re-download the image or remove it from the json"
     if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < 0:
         raise ImageReadError("corrupt_image", f"{path}: truncated JPEG (no end marker); {fix}")
@@ -147,8 +160,9 @@ def read_image(path):
     except cv2.error:
         img = None
     if img is None:
-        raise ImageReadError("corrupt_image", f"{path}: cannot decode image ({len(data)} bytes); "
-                             f"{fix}")
+        raise ImageReadError(
+            "corrupt_image", f"{path}: cannot decode image ({len(data)} bytes); {fix}"
+        )
     return img
 
 
@@ -166,13 +180,31 @@ def encode_crop(crop, encoding="jpeg", quality=90):
     return buf.reshape(-1).tobytes()
 
 
+def downscale(crop, width, height):
+    """
+    Shrinks a (h, w, 3) crop to ``width x height`` (both <= the crop's) with anti-aliasing.
+
+    ``cv2.INTER_AREA`` is ~8x slower at non-integer factors than at integer ones, so the integer
+    part of the factor is done with INTER_AREA (box filter, its fast path) and the remaining
+    factor (< 2) with INTER_LINEAR, which does not alias below 2x. Mean difference to a single
+    INTER_AREA pass is a few grey levels.
+    """
+    h, w = crop.shape[:2]
+    f = min(w // width, h // height)
+    if f >= 2:
+        crop = cv2.resize(crop, (w // f, h // f), interpolation=cv2.INTER_AREA)
+    if crop.shape[:2] != (height, width):
+        crop = cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
+    return crop
+
+
 def _cut(img, crop_box, max_side):
-    """Slices the integer box out of ``img`` and downscales it; returns the (h, w, 3) crop."""
-    x0, y0, x1, y1 = (int(v) for v in crop_box)
+    """Slices the integer box ``(x0, y0, x1, y1)`` out of ``img`` and downscales it."""
+    x0, y0, x1, y1 = crop_box
     crop = img[y0:y1, x0:x1]
     w, h = snap_size(x1 - x0, y1 - y0, max_side)
     if (w, h) != (x1 - x0, y1 - y0):
-        crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
+        crop = downscale(crop, w, h)
     return crop
 
 
@@ -197,21 +229,36 @@ def extract_image(task, opts):
     height, width = img.shape[:2]
     if (width, height) != (task.width, task.height):
         # Trust the pixels: boxes are clipped to what was decoded.
-        result.problems.append(("size_mismatch", (
-            f"{task.path}: image {task.image_id} decodes to {width}x{height} but the json says "
-            f"{task.width}x{task.height}; fix the json's width/height")))
+        result.problems.append(
+            (
+                "size_mismatch",
+                (
+                    f"{task.path}: image {task.image_id} decodes to {width}x{height} but the json "
+                    f"says {task.width}x{task.height}; fix the json's width/height"
+                ),
+            )
+        )
 
     # One RNG per (image, pass): draws happen in a fixed order (enlargement, then negatives).
     rng = image_rng(opts.seed, task.image_id, task.pass_index)
-    clipped, reasons = classify_boxes(task.boxes, task.iscrowd, task.labels, width, height,
-                                      opts.min_size)
+    clipped, reasons = classify_boxes(
+        task.boxes, task.iscrowd, task.labels, width, height, opts.min_size
+    )
     keep = reasons == KEEP
     pos_boxes = clipped[keep]
     pos_crop_boxes = enlarge_boxes(pos_boxes, width, height, opts.enlarge, rng)
     # Negatives must not touch any annotated region, crowd and tiny boxes included.
-    neg_boxes = sample_negatives(clipped, width, height, task.num_negatives, rng,
-                                 ref_sizes=pos_crop_boxes[:, 2:] - pos_crop_boxes[:, :2],
-                                 min_size=opts.min_size)
+    neg_boxes = np.zeros((0, 4))
+    if task.num_negatives > 0:
+        neg_boxes = sample_negatives(
+            clipped,
+            width,
+            height,
+            task.num_negatives,
+            rng,
+            ref_sizes=pos_crop_boxes[:, 2:] - pos_crop_boxes[:, :2],
+            min_size=opts.min_size,
+        )
     result.neg_requested, result.neg_placed = int(task.num_negatives), len(neg_boxes)
 
     if task.with_positives:
@@ -226,17 +273,17 @@ def extract_image(task, opts):
     boxes = np.concatenate([boxes, neg_boxes])
     crop_boxes = np.concatenate([crop_boxes, neg_boxes])
 
-    n = len(labels)
-    sizes = np.zeros((n, 2), dtype=np.int32)
-    groups = np.zeros(n, dtype=np.uint8)
-    for i in range(n):
-        crop = _cut(img, crop_boxes[i], opts.max_side)
+    sizes, groups = [], []
+    # Plain ints: indexing numpy scalars per crop costs more than the slicing itself.
+    for crop_box in crop_boxes.astype(np.int64).tolist():
+        crop = _cut(img, crop_box, opts.max_side)
         h, w = crop.shape[:2]
-        sizes[i] = (h, w)
-        groups[i] = group_of(w, h)
+        sizes.append((h, w))
+        groups.append(group_of(w, h))
         result.crops.append(encode_crop(crop, opts.encoding, opts.quality))
-    result.label, result.group, result.size = labels, groups, sizes
+    result.label = labels
+    result.group = np.array(groups, dtype=np.uint8)
+    result.size = np.array(sizes, dtype=np.int32).reshape(-1, 2)
     result.box = boxes.astype(np.float32)
     result.crop_box = crop_boxes.astype(np.float32)
     return result
-

@@ -69,13 +69,19 @@ def summarize_bank(path):
         "num_classes": num_classes,
         "positives": int((~is_neg).sum()),
         "negatives": int(is_neg.sum()),
-        "groups": {g: {"positives": int(((group == i) & ~is_neg).sum()),
-                       "negatives": int(((group == i) & is_neg).sum())}
-                   for i, g in enumerate(GROUPS)},
+        "groups": {
+            g: {
+                "positives": int(((group == i) & ~is_neg).sum()),
+                "negatives": int(((group == i) & is_neg).sum()),
+            }
+            for i, g in enumerate(GROUPS)
+        },
         "classes": [(i, ids[i], names[i], int(per_class[i])) for i in range(num_classes)]
         + [(num_classes, None, "background", int(per_class[num_classes]))],
-        "size_hist": {g: np.bincount(bins[group == i], minlength=len(SIZE_BINS) + 1).tolist()
-                      for i, g in enumerate(GROUPS)},
+        "size_hist": {
+            g: np.bincount(bins[group == i], minlength=len(SIZE_BINS) + 1).tolist()
+            for i, g in enumerate(GROUPS)
+        },
         "build_args": build_args,
         "counts": counts,
         **attrs,
@@ -100,8 +106,10 @@ def format_summary(summary):
         "groups:",
     ]
     for g, c in s["groups"].items():
-        lines.append(f"  {g}: {c['positives'] + c['negatives']:>8}  (positives {c['positives']}, "
-                     f"negatives {c['negatives']})")
+        lines.append(
+            f"  {g}: {c['positives'] + c['negatives']:>8}  (positives {c['positives']}, "
+            f"negatives {c['negatives']})"
+        )
     lines.append(f"classes ({s['num_classes']} + background): label  category_id  name  count")
     for label, cid, name, count in s["classes"]:
         lines.append(f"  {label:>4}  {'-' if cid is None else cid:>5}  {name:<20} {count}")

@@ -189,8 +189,14 @@ def enlarge_boxes(boxes, width, height, enlarge, rng):
     return clip_boxes(out, width, height)
 
 
-def sample_negatives(gt_boxes, width, height, count, rng, ref_sizes=None, min_size=8,
-                     max_tries=None):
+def _log_uniform(u, lo, hi):
+    """Maps uniform [0, 1) draws ``u`` to a log-uniform distribution on [lo, hi)."""
+    return lo * (hi / lo) ** u
+
+
+def sample_negatives(
+    gt_boxes, width, height, count, rng, ref_sizes=None, min_size=8, max_tries=None
+):
     """
     Draws background boxes that do not overlap any GT box at all (intersection area 0, hence
     IoU = 0; touching edges is allowed). Pass *every* GT box of the image, crowd and tiny ones
@@ -229,21 +235,22 @@ def sample_negatives(gt_boxes, width, height, count, rng, ref_sizes=None, min_si
     while len(accepted) < count and tries < max_tries:
         n = min(_ROUND, max_tries - tries)
         tries += n
+        # One draw per round: (reference index, scale, aspect, x, y) for n candidates.
+        u = rng.random((n, 5))
         if ref is not None:
-            base = ref[rng.integers(0, len(ref), size=n)]
-            scale = np.exp(rng.uniform(*np.log(_SCALE_JITTER), size=n)) * shrink
-            aspect = np.exp(rng.uniform(*np.log(_ASPECT_JITTER), size=n))
-            w = base[:, 0] * scale * np.sqrt(aspect)
-            h = base[:, 1] * scale / np.sqrt(aspect)
+            base = ref[(u[:, 0] * len(ref)).astype(np.int64)]
+            scale = _log_uniform(u[:, 1], *_SCALE_JITTER) * shrink
+            root_aspect = np.sqrt(_log_uniform(u[:, 2], *_ASPECT_JITTER))
+            w, h = base[:, 0] * scale * root_aspect, base[:, 1] * scale / root_aspect
         else:
-            hi_side = max(0.5 * min(width, height), 2.0 * min_size)
-            side = np.exp(rng.uniform(np.log(2.0 * min_size), np.log(hi_side), size=n)) * shrink
-            aspect = np.exp(rng.uniform(*np.log(_FALLBACK_ASPECT), size=n))
-            w, h = side * np.sqrt(aspect), side / np.sqrt(aspect)
+            lo_side = 2.0 * min_size
+            side = _log_uniform(u[:, 1], lo_side, max(0.5 * min(width, height), lo_side)) * shrink
+            root_aspect = np.sqrt(_log_uniform(u[:, 2], *_FALLBACK_ASPECT))
+            w, h = side * root_aspect, side / root_aspect
         w = np.clip(np.floor(w), min_size, width)
         h = np.clip(np.floor(h), min_size, height)
-        x0 = np.floor(rng.uniform(0.0, 1.0, size=n) * (width - w + 1))
-        y0 = np.floor(rng.uniform(0.0, 1.0, size=n) * (height - h + 1))
+        x0 = np.floor(u[:, 3] * (width - w + 1))
+        y0 = np.floor(u[:, 4] * (height - h + 1))
         cand = np.stack([x0, y0, x0 + w, y0 + h], axis=1)
         free = ~(intersection_areas(cand, gt_boxes) > 0).any(axis=1)
         ok = cand[free]
@@ -300,4 +307,3 @@ def snap_size(width, height, max_side):
         return int(width), int(height)
     scale = max_side / float(max(width, height))
     return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
-

@@ -22,6 +22,26 @@ Root attributes::
     category_ids     json list of C dataset category ids, in contiguous-label order
     encoding         "jpeg" or "png"
     seed, tool_version, build_args (json), counts (json), created (ISO time)
+
+Conventions of the writer (``python -m builder build``, version 1.0), for readers:
+
+- ``/crops`` holds ordinary JPEG/PNG files of the true colours: PIL decodes them to RGB,
+  ``cv2.imdecode`` to BGR (convert with ``cv2.COLOR_BGR2RGB``).
+- Rows are in image order (json order): per image its positives in annotation order, then its
+  negatives; negatives from the make-up passes (see ``builder/build.py``) follow at the end.
+- Positives: ``/box`` is the GT box clipped to the image; ``/crop_box`` is the randomly enlarged
+  box, whole pixels, clipped to the image, always containing ``/box``. Negatives: ``/box`` equals
+  ``/crop_box`` and has zero intersection with every GT box of its image (crowd and tiny included).
+- ``/size`` and ``/group`` describe the stored crop after the optional ``--max-side`` downscale,
+  so ``group == group_of(size[1], size[0])`` always holds.
+- ``counts`` (json): ``images`` {in_json, selected, without_annotations, missing, failed, decoded,
+  with_samples}, ``annotations`` {total, planned_positives, skipped {crowd, degenerate, outside,
+  tiny, unknown_category}, in_missing_or_failed_images}, ``samples`` {total, positives,
+  negatives, positives_by_group, negatives_by_group}, ``negatives`` {ratio, target,
+  placed_by_pass, shortfall, images_exhausted, exhausted_image_ids (first 20)}, ``problems``
+  {kind: count}.
+- The ``format`` attribute is written last, and the file appears under its name only when
+  complete (``os.replace`` of ``NAME.tmp-<pid>``).
 """
 
 FORMAT_NAME = "montage-sample-bank"

@@ -37,7 +37,7 @@ def _fit(crop, cell):
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     out = np.full((cell, cell, 3), _BG, dtype=np.uint8)
     y0, x0 = (cell - nh) // 2, (cell - nw) // 2
-    out[y0:y0 + nh, x0:x0 + nw] = cv2.resize(crop, (nw, nh), interpolation=interp)
+    out[y0 : y0 + nh, x0 : x0 + nw] = cv2.resize(crop, (nw, nh), interpolation=interp)
     return out
 
 
@@ -75,7 +75,7 @@ def write_grid(bank_path, out_path, per_group=8, cell=128, seed=0):
                 _put_label(tile, names[label][:16] if label <= num_classes else str(label), (2, 12))
                 _put_label(tile, f"{w}x{h}", (2, cell - 4))
                 cv2.rectangle(tile, (0, 0), (cell - 1, cell - 1), (90, 90, 90), 1)
-                row[:, _HEADER_W + j * cell:_HEADER_W + (j + 1) * cell] = tile
+                row[:, _HEADER_W + j * cell : _HEADER_W + (j + 1) * cell] = tile
             if not len(pick):
                 _put_label(row, "(empty group)", (_HEADER_W + 8, cell // 2))
             rows.append(row)

@@ -43,8 +43,9 @@ def write_coco(root, images, annotations, categories, split="train", draw=True, 
     rng = np.random.default_rng(seed)
     anns = []
     for i, ann in enumerate(annotations):
-        anns.append({"id": i + 1, "iscrowd": 0, "area": float(ann["bbox"][2] * ann["bbox"][3]),
-                     **ann})
+        anns.append(
+            {"id": i + 1, "iscrowd": 0, "area": float(ann["bbox"][2] * ann["bbox"][3]), **ann}
+        )
     for img in images:
         h, w = img["height"], img["width"]
         small = rng.integers(60, 200, size=(max(1, h // 8), max(1, w // 8), 3)).astype(np.uint8)
@@ -57,8 +58,13 @@ def write_coco(root, images, annotations, categories, split="train", draw=True, 
                 x0, y0 = int(np.floor(x)), int(np.floor(y))
                 x1, y1 = int(np.ceil(x + bw)), int(np.ceil(y + bh))
                 if x1 > x0 and y1 > y0:
-                    cv2.rectangle(pixels, (x0, y0), (x1 - 1, y1 - 1),
-                                  _category_color(ann.get("category_id", 0)), -1)
+                    cv2.rectangle(
+                        pixels,
+                        (x0, y0),
+                        (x1 - 1, y1 - 1),
+                        _category_color(ann.get("category_id", 0)),
+                        -1,
+                    )
         cv2.imwrite(os.path.join(img_dir, img["file_name"]), pixels)
     json_path = os.path.join(ann_dir, f"instances_{split}.json")
     with open(json_path, "w") as f:
@@ -66,8 +72,9 @@ def write_coco(root, images, annotations, categories, split="train", draw=True, 
     return json_path, img_dir
 
 
-def write_synthetic_coco(root, num_images=8, size=(160, 120), num_categories=3,
-                         objects_per_image=4, seed=0):
+def write_synthetic_coco(
+    root, num_images=8, size=(160, 120), num_categories=3, objects_per_image=4, seed=0
+):
     """
     Writes a random dataset: per image ``objects_per_image`` boxes of mixed aspect (about a
     third each S, T, W) covering a modest part of the image, plus one crowd box and one tiny box.
@@ -89,17 +96,34 @@ def write_synthetic_coco(root, num_images=8, size=(160, 120), num_categories=3,
     images, annotations = [], []
     for k in range(num_images):
         image_id = 100 + 7 * k
-        images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": width,
-                       "height": height})
+        images.append(
+            {"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": width, "height": height}
+        )
         for j in range(objects_per_image):
             aspect = (1.0, 0.3, 2.5)[j % 3]
             side = rng.uniform(0.12, 0.3) * min(width, height)
             bw, bh = side * np.sqrt(aspect), side / np.sqrt(aspect)
             x, y = rng.uniform(0, width - bw), rng.uniform(0, height - bh)
-            annotations.append({"image_id": image_id, "bbox": [round(float(v), 2) for v in (x, y, bw, bh)],
-                                "category_id": categories[rng.integers(num_categories)]["id"]})
-        annotations.append({"image_id": image_id, "bbox": [2.0, 2.0, 20.0, 14.0], "iscrowd": 1,
-                            "category_id": categories[0]["id"]})
-        annotations.append({"image_id": image_id, "bbox": [width - 6.0, height - 6.0, 4.0, 4.0],
-                            "category_id": categories[0]["id"]})
+            annotations.append(
+                {
+                    "image_id": image_id,
+                    "bbox": [round(float(v), 2) for v in (x, y, bw, bh)],
+                    "category_id": categories[rng.integers(num_categories)]["id"],
+                }
+            )
+        annotations.append(
+            {
+                "image_id": image_id,
+                "bbox": [2.0, 2.0, 20.0, 14.0],
+                "iscrowd": 1,
+                "category_id": categories[0]["id"],
+            }
+        )
+        annotations.append(
+            {
+                "image_id": image_id,
+                "bbox": [width - 6.0, height - 6.0, 4.0, 4.0],
+                "category_id": categories[0]["id"],
+            }
+        )
     return write_coco(root, images, annotations, categories, seed=seed)

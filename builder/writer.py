@@ -27,7 +27,7 @@ _CHUNK = 1024
 
 
 def temp_path_for(out_path):
-    """Returns the temp file a build of ``out_path`` writes first (same dir, so the rename is atomic)."""
+    """Returns the temp file written before the rename (same dir, so ``os.replace`` is atomic)."""
     return f"{out_path}.tmp-{os.getpid()}"
 
 
@@ -71,8 +71,12 @@ class BankWriter:
         self.datasets = {}
         for name, (tail, dtype) in specs.items():
             self.datasets[name] = self.h5.create_dataset(
-                name, shape=(0,) + tail, maxshape=(None,) + tail, dtype=dtype,
-                chunks=(chunk,) + tail)
+                name,
+                shape=(0,) + tail,
+                maxshape=(None,) + tail,
+                dtype=dtype,
+                chunks=(chunk,) + tail,
+            )
 
     def append(self, crops, label, group, size, image_id, box, crop_box):
         """
@@ -127,7 +131,8 @@ class BankWriter:
 
         Args:
             attrs (dict): root attributes (num_classes, category_names, ...); dicts and lists are
-                stored as json strings. ``format``/``version``/``encoding``/``created`` are set here.
+                stored as json strings. ``format``, ``version``, ``encoding`` and ``created`` are
+                set here.
 
         Returns:
             str: the output path.
@@ -138,7 +143,9 @@ class BankWriter:
             idx = np.flatnonzero(groups == gid).astype(np.int64)
             self.h5.create_dataset(f"index/{name}", data=idx)
         for key, value in attrs.items():
-            self.h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+            self.h5.attrs[key] = (
+                json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+            )
         self.h5.attrs["encoding"] = self.encoding
         self.h5.attrs["created"] = datetime.datetime.now().isoformat(timespec="seconds")
         # Written last: until here the file is not a valid bank.

@@ -16,8 +16,9 @@ CATS = [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}]
 
 def synthetic(tmp_path, num_images=8, objects_per_image=4):
     """A random dataset: returns (json path, image dir)."""
-    return write_synthetic_coco(str(tmp_path / "data"), num_images=num_images,
-                                objects_per_image=objects_per_image)
+    return write_synthetic_coco(
+        str(tmp_path / "data"), num_images=num_images, objects_per_image=objects_per_image
+    )
 
 
 def make_dataset(tmp_path, anns_per_image, size=(200, 160), cats=CATS, draw=True):
@@ -38,8 +39,18 @@ def make_dataset(tmp_path, anns_per_image, size=(200, 160), cats=CATS, draw=True
 
 def build(json_path, img_dir, out, *extra):
     """Runs `python -m builder build` in-process; returns the exit status."""
-    return main(["build", "--annotations", str(json_path), "--images", str(img_dir),
-                 "--out", str(out), *map(str, extra)])
+    return main(
+        [
+            "build",
+            "--annotations",
+            str(json_path),
+            "--images",
+            str(img_dir),
+            "--out",
+            str(out),
+            *map(str, extra),
+        ]
+    )
 
 
 def read_bank(path):
@@ -56,8 +67,17 @@ def read_bank(path):
 
 def assert_same_content(a, b):
     """Banks are equal in every dataset, the categories and the counts."""
-    for key in ("label", "group", "size", "image_id", "box", "crop_box", "index/S", "index/T",
-                "index/W"):
+    for key in (
+        "label",
+        "group",
+        "size",
+        "image_id",
+        "box",
+        "crop_box",
+        "index/S",
+        "index/T",
+        "index/W",
+    ):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert a["crops"] == b["crops"]
     assert a["counts"] == b["counts"]

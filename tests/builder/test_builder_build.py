@@ -61,14 +61,22 @@ def test_bank_layout_and_negative_rules(tmp_path):
 
 
 def test_exact_group_boundaries_from_stored_size(tmp_path):
-    boxes = [[10, 10, 50, 100], [70, 10, 150, 100], [10, 120, 49, 100], [70, 120, 151, 100],
-             [10, 230, 149, 299]]
+    boxes = [
+        [10, 10, 50, 100],
+        [70, 10, 150, 100],
+        [10, 120, 49, 100],
+        [70, 120, 151, 100],
+        [10, 230, 149, 299],
+    ]
     json_path, img_dir, _ = make_dataset(tmp_path, [[{"bbox": b} for b in boxes]], size=(320, 540))
     full = tmp_path / "full.h5"
-    assert build(json_path, img_dir, full, "--enlarge", 1, 1, "--max-side", 0, "--neg-ratio", 0) == 0
+    assert (
+        build(json_path, img_dir, full, "--enlarge", 1, 1, "--max-side", 0, "--neg-ratio", 0) == 0
+    )
     bank = read_bank(full)
-    np.testing.assert_array_equal(bank["size"], [[100, 50], [100, 150], [100, 49], [100, 151],
-                                                 [299, 149]])
+    np.testing.assert_array_equal(
+        bank["size"], [[100, 50], [100, 150], [100, 49], [100, 151], [299, 149]]
+    )
     # w/h = 0.5 and 1.5 are S (inclusive), 0.49 is T, 1.51 is W, 149/299 = 0.498 is T.
     assert bank["group"].tolist() == [GROUP_S, GROUP_S, GROUP_T, GROUP_W, GROUP_T]
     # With --max-side 256, 149x299 is stored as 128x256 (w/h = 0.5): the group follows the
@@ -81,20 +89,25 @@ def test_exact_group_boundaries_from_stored_size(tmp_path):
 
 def test_skip_reasons_counted(tmp_path):
     anns = [
-        {"bbox": [10, 10, 40, 40]},                  # positive
-        {"bbox": [60, 10, 40, 40], "iscrowd": 1},    # crowd
-        {"bbox": [10, 60, 0, 30]},                   # degenerate
-        {"bbox": [10, 60, 30, -5]},                  # degenerate
-        {"bbox": [300, 10, 20, 20]},                 # outside
-        {"bbox": [120, 100, 5, 30]},                 # tiny
-        {"bbox": [180, 120, 50, 50]},                # partly outside: clipped, kept
+        {"bbox": [10, 10, 40, 40]},  # positive
+        {"bbox": [60, 10, 40, 40], "iscrowd": 1},  # crowd
+        {"bbox": [10, 60, 0, 30]},  # degenerate
+        {"bbox": [10, 60, 30, -5]},  # degenerate
+        {"bbox": [300, 10, 20, 20]},  # outside
+        {"bbox": [120, 100, 5, 30]},  # tiny
+        {"bbox": [180, 120, 50, 50]},  # partly outside: clipped, kept
     ]
     json_path, img_dir, _ = make_dataset(tmp_path, [anns], draw=False)
     out = tmp_path / "b.h5"
     assert build(json_path, img_dir, out, "--neg-ratio", 0) == 0
     bank = read_bank(out)
     assert bank["counts"]["annotations"]["skipped"] == {
-        "crowd": 1, "degenerate": 2, "outside": 1, "tiny": 1, "unknown_category": 0}
+        "crowd": 1,
+        "degenerate": 2,
+        "outside": 1,
+        "tiny": 1,
+        "unknown_category": 0,
+    }
     assert len(bank["label"]) == 2
     np.testing.assert_allclose(bank["box"][1], [180, 120, 200, 160])  # clipped to 200 x 160
     assert bank["crop_box"][1, 2] <= 200 and bank["crop_box"][1, 3] <= 160
@@ -116,8 +129,12 @@ def test_shortfall_made_up_from_images_with_room(tmp_path):
 def test_deterministic_across_runs_and_workers(tmp_path):
     json_path, img_dir = synthetic(tmp_path, num_images=10)
     banks = {}
-    for name, args in {"a": ("--workers", 1), "b": ("--workers", 1), "c": ("--workers", 2),
-                       "d": ("--workers", 1, "--seed", 1)}.items():
+    for name, args in {
+        "a": ("--workers", 1),
+        "b": ("--workers", 1),
+        "c": ("--workers", 2),
+        "d": ("--workers", 1, "--seed", 1),
+    }.items():
         assert build(json_path, img_dir, tmp_path / f"{name}.h5", *args) == 0
         banks[name] = read_bank(tmp_path / f"{name}.h5")
     assert_same_content(banks["a"], banks["b"])
@@ -168,17 +185,24 @@ def test_no_overwrite_and_atomic_output(tmp_path, capsys, monkeypatch):
 
 
 def test_writer_handles_single_and_equal_length_crops(tmp_path):
+    import h5py
+
     from builder.schema import check_bank
     from builder.writer import BankWriter
-
-    import h5py
 
     for crops in ([b"abc"], [b"abc", b"xyz"], [b"a", b"bc", b"def"]):
         out = str(tmp_path / "w.h5")
         n = len(crops)
         with BankWriter(out, chunk_rows=2) as w:
-            w.append(crops, np.zeros(n, np.int32), np.zeros(n, np.uint8), np.ones((n, 2), np.int32),
-                     7, np.zeros((n, 4), np.float32), np.zeros((n, 4), np.float32))
+            w.append(
+                crops,
+                np.zeros(n, np.int32),
+                np.zeros(n, np.uint8),
+                np.ones((n, 2), np.int32),
+                7,
+                np.zeros((n, 4), np.float32),
+                np.zeros((n, 4), np.float32),
+            )
             w.finalize({"num_classes": 1})
         with h5py.File(out, "r") as h5:
             check_bank(h5, out)
@@ -196,11 +220,29 @@ def test_killed_build_leaves_no_valid_file(tmp_path):
 
     out = str(tmp_path / "b.h5")
     w = BankWriter(out)
-    w.append([b"abc"], np.zeros(1, np.int32), np.zeros(1, np.uint8), np.ones((1, 2), np.int32),
-             1, np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32))
+    w.append(
+        [b"abc"],
+        np.zeros(1, np.int32),
+        np.zeros(1, np.uint8),
+        np.ones((1, 2), np.int32),
+        1,
+        np.zeros((1, 4), np.float32),
+        np.zeros((1, 4), np.float32),
+    )
     w.flush()
     w.h5.close()  # what a SIGKILL leaves behind: data, but no index and no format attribute
     assert not os.path.exists(out) and os.path.exists(w.tmp_path)
     assert w.tmp_path.startswith(out + ".tmp-")
     with h5py.File(w.tmp_path, "r") as h5, pytest.raises(BankFormatError):
         check_bank(h5, w.tmp_path)
+
+
+def test_stored_group_matches_stored_size(tmp_path):
+    from builder.schema import group_of
+
+    json_path, img_dir = synthetic(tmp_path, num_images=6)
+    out = tmp_path / "b.h5"
+    assert build(json_path, img_dir, out, "--max-side", 32) == 0
+    bank = read_bank(out)
+    assert bank["size"].max() == 32
+    assert [group_of(w, h) for h, w in bank["size"]] == bank["group"].tolist()

@@ -8,7 +8,13 @@ from builder.cli import main, parse_args
 
 def test_parse_args_defaults():
     args = parse_args(["build", "--annotations", "a.json", "--images", "d", "--out", "b.h5"])
-    assert (args.seed, args.workers, args.max_side, args.neg_ratio, args.min_size) == (0, 1, 256, 0.1, 8)
+    assert (args.seed, args.workers, args.max_side, args.neg_ratio, args.min_size) == (
+        0,
+        1,
+        256,
+        0.1,
+        8,
+    )
     assert args.enlarge == [1.0, 1.5] and args.encoding == "jpeg" and not args.strict
 
 
@@ -20,8 +26,18 @@ def test_info_and_show(tmp_path, capsys):
     assert main(["info", str(bank)]) == 0
     out = capsys.readouterr().out
     assert "samples: 44  positives: 40  negatives: 4  pos:neg = 10.00:1" in out
-    for text in ("  S:", "  T:", "  W:", "background", "cat5", "crop size", "build args:",
-                 '"neg_ratio": 0.1', "counts:", '"tiny": 10'):
+    for text in (
+        "  S:",
+        "  T:",
+        "  W:",
+        "background",
+        "cat5",
+        "crop size",
+        "build args:",
+        '"neg_ratio": 0.1',
+        "counts:",
+        '"tiny": 10',
+    ):
         assert text in out, text
     png = tmp_path / "grid.png"
     assert main(["show", str(bank), "--out", str(png), "--per-group", "4", "--cell", "64"]) == 0

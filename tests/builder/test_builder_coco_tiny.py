@@ -10,17 +10,27 @@ from bank_helpers import build, read_bank
 from builder.cli import main
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_CANDIDATES = ("/work/shared/data/coco_tiny", os.path.join(_REPO, "..", "shared", "data", "coco_tiny"))
+_CANDIDATES = (
+    "/work/shared/data/coco_tiny",
+    os.path.join(_REPO, "..", "shared", "data", "coco_tiny"),
+)
 COCO_TINY = next((p for p in _CANDIDATES if os.path.isdir(os.path.join(p, "train2017"))), None)
 
 
-@pytest.mark.skipif(COCO_TINY is None, reason="coco_tiny not found at /work/shared/data/coco_tiny "
-                    "or ../shared/data/coco_tiny next to the repo; the synthetic tests cover the rules")
+@pytest.mark.skipif(
+    COCO_TINY is None,
+    reason="coco_tiny not found at /work/shared/data/coco_tiny "
+    "or ../shared/data/coco_tiny next to the repo; the synthetic tests cover the rules",
+)
 def test_build_and_info_on_coco_tiny(tmp_path, capsys):
     json_path = os.path.join(COCO_TINY, "annotations", "instances_train2017.json")
     out = tmp_path / "tiny.h5"
-    assert build(json_path, os.path.join(COCO_TINY, "train2017"), out, "--max-images", 20,
-                 "--workers", 2) == 0
+    assert (
+        build(
+            json_path, os.path.join(COCO_TINY, "train2017"), out, "--max-images", 20, "--workers", 2
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out

@@ -60,12 +60,15 @@ def test_strict_fails_without_output(tmp_path, broken, capsys):
     assert "corrupt_image: 1" in err and not out.exists()
 
 
-@pytest.mark.parametrize("content,expected", [
-    ("[1, 2, 3]", "top level is a list"),
-    ('{"images": [], "annotations": []}', "missing or non-list key(s): categories"),
-    ('{"images": [], "categories": [{"id": 1}], "annotations": {}}', "annotations"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("[1, 2, 3]", "top level is a list"),
+        ('{"images": [], "annotations": []}', "missing or non-list key(s): categories"),
+        ('{"images": [], "categories": [{"id": 1}], "annotations": {}}', "annotations"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_not_coco_json(tmp_path, capsys, content, expected):
     path = tmp_path / "x.json"
     path.write_text(content)
@@ -99,13 +102,18 @@ def test_bad_records_reported(tmp_path):
     json_path, img_dir, _ = make_dataset(tmp_path, [[{"bbox": [10, 10, 40, 40]}]])
     data = json.load(open(json_path))
     data["images"].append({"id": 77, "file_name": "x.jpg"})  # no width/height
-    data["annotations"] += [{"id": 900, "image_id": 10, "bbox": [1, 2]},
-                            {"id": 901, "image_id": 555, "bbox": [1, 2, 3, 4], "category_id": 1}]
+    data["annotations"] += [
+        {"id": 900, "image_id": 10, "bbox": [1, 2]},
+        {"id": 901, "image_id": 555, "bbox": [1, 2, 3, 4], "category_id": 1},
+    ]
     json.dump(data, open(json_path, "w"))
     out = tmp_path / "b.h5"
     assert build(json_path, img_dir, out) == 0
     assert read_bank(out)["counts"]["problems"] == {
-        "bad_annotation": 1, "bad_image_record": 1, "orphan_annotation": 1}
+        "bad_annotation": 1,
+        "bad_image_record": 1,
+        "orphan_annotation": 1,
+    }
 
 
 def test_empty_dataset_fails(tmp_path, capsys):
@@ -120,8 +128,12 @@ def test_empty_dataset_fails(tmp_path, capsys):
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    for bad in (["--enlarge", "1.5", "1.0"], ["--quality", "0"], ["--workers", "0"],
-                ["--enlarge", "0.5", "1.0"]):
+    for bad in (
+        ["--enlarge", "1.5", "1.0"],
+        ["--quality", "0"],
+        ["--workers", "0"],
+        ["--enlarge", "0.5", "1.0"],
+    ):
         with pytest.raises(SystemExit) as e:
             build(tmp_path / "a.json", tmp_path, tmp_path / "b.h5", *bad)
         assert e.value.code == 2

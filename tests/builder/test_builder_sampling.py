@@ -58,28 +58,45 @@ def test_enlarge_clipped_to_image():
 
 
 def test_classify_boxes_reasons():
-    boxes = np.array([
-        [10, 10, 50, 50],      # keep
-        [10, 10, 50, 50],      # crowd
-        [10, 10, 10, 50],      # degenerate: w = 0
-        [10, 50, 40, 40],      # degenerate: h < 0
-        [120, 10, 150, 50],    # outside (right of a 100 px wide image)
-        [10, 10, 17, 50],      # tiny: 7 px wide
-        [-20, -20, 30, 30],    # partly outside: kept, clipped to 30 x 30
-        [10, 10, 50, 50],      # unknown category
-        [np.nan, 0, 10, 10],   # degenerate: NaN
-    ], dtype=float)
+    boxes = np.array(
+        [
+            [10, 10, 50, 50],  # keep
+            [10, 10, 50, 50],  # crowd
+            [10, 10, 10, 50],  # degenerate: w = 0
+            [10, 50, 40, 40],  # degenerate: h < 0
+            [120, 10, 150, 50],  # outside (right of a 100 px wide image)
+            [10, 10, 17, 50],  # tiny: 7 px wide
+            [-20, -20, 30, 30],  # partly outside: kept, clipped to 30 x 30
+            [10, 10, 50, 50],  # unknown category
+            [np.nan, 0, 10, 10],  # degenerate: NaN
+        ],
+        dtype=float,
+    )
     crowd = np.zeros(len(boxes), bool)
     crowd[1] = True
     labels = np.zeros(len(boxes), int)
     labels[7] = -1
     clipped, reasons = classify_boxes(boxes, crowd, labels, 100, 80, min_size=8)
     names = ["keep" if r == KEEP else SKIP_REASONS[r - 1] for r in reasons]
-    assert names == ["keep", "crowd", "degenerate", "degenerate", "outside", "tiny", "keep",
-                     "unknown_category", "degenerate"]
+    assert names == [
+        "keep",
+        "crowd",
+        "degenerate",
+        "degenerate",
+        "outside",
+        "tiny",
+        "keep",
+        "unknown_category",
+        "degenerate",
+    ]
     np.testing.assert_array_equal(clipped[6], [0, 0, 30, 30])
-    assert count_reasons(reasons) == {"crowd": 1, "degenerate": 3, "outside": 1, "tiny": 1,
-                                      "unknown_category": 1}
+    assert count_reasons(reasons) == {
+        "crowd": 1,
+        "degenerate": 3,
+        "outside": 1,
+        "tiny": 1,
+        "unknown_category": 1,
+    }
 
 
 def test_min_size_is_inclusive():
@@ -102,8 +119,15 @@ def test_negatives_have_zero_overlap_with_all_gt_including_crowd():
     tiny = np.array([[280, 180, 284, 184]], float)
     all_gt = np.concatenate([gt, crowd_region, tiny])
     for seed in range(5):
-        neg = sample_negatives(all_gt, 300, 200, 20, np.random.default_rng(seed),
-                               ref_sizes=gt[:, 2:] - gt[:, :2], min_size=8)
+        neg = sample_negatives(
+            all_gt,
+            300,
+            200,
+            20,
+            np.random.default_rng(seed),
+            ref_sizes=gt[:, 2:] - gt[:, :2],
+            min_size=8,
+        )
         assert len(neg) > 0
         assert np.all(intersection_areas(neg, all_gt) == 0)
         assert np.all(iou(neg, all_gt) == 0)
@@ -113,8 +137,9 @@ def test_negatives_have_zero_overlap_with_all_gt_including_crowd():
 
 
 def test_negatives_cover_all_groups():
-    neg = sample_negatives(np.zeros((0, 4)), 640, 480, 400, np.random.default_rng(0),
-                           ref_sizes=None, min_size=8)
+    neg = sample_negatives(
+        np.zeros((0, 4)), 640, 480, 400, np.random.default_rng(0), ref_sizes=None, min_size=8
+    )
     groups = {group_of(w, h) for w, h in neg[:, 2:] - neg[:, :2]}
     assert groups == {GROUP_S, GROUP_T, GROUP_W}
 
@@ -127,8 +152,9 @@ def test_negatives_exhausted_when_no_room():
     assert len(sample_negatives(almost, 100, 100, 3, np.random.default_rng(0), min_size=8)) == 0
     # A 100 x 20 strip: negatives shrink until they fit.
     strip = np.array([[0, 20, 100, 100]], float)
-    neg = sample_negatives(strip, 100, 100, 3, np.random.default_rng(0),
-                           ref_sizes=np.array([[80.0, 80.0]]), min_size=8)
+    neg = sample_negatives(
+        strip, 100, 100, 3, np.random.default_rng(0), ref_sizes=np.array([[80.0, 80.0]]), min_size=8
+    )
     assert len(neg) == 3 and neg[:, 3].max() <= 20
 
 
@@ -151,10 +177,18 @@ def test_image_rng_depends_only_on_seed_and_image():
     image_rng(0, -5)  # negative ids are valid
 
 
-@pytest.mark.parametrize("w,h,group", [
-    (50, 100, GROUP_S), (150, 100, GROUP_S), (100, 100, GROUP_S),
-    (4999, 10000, GROUP_T), (15001, 10000, GROUP_W), (1, 3, GROUP_T), (3, 1, GROUP_W),
-])
+@pytest.mark.parametrize(
+    "w,h,group",
+    [
+        (50, 100, GROUP_S),
+        (150, 100, GROUP_S),
+        (100, 100, GROUP_S),
+        (4999, 10000, GROUP_T),
+        (15001, 10000, GROUP_W),
+        (1, 3, GROUP_T),
+        (3, 1, GROUP_W),
+    ],
+)
 def test_group_boundaries(w, h, group):
     assert group_of(w, h) == group
 
