@@ -35,6 +35,9 @@ class Trainer(DefaultTrainer):
         super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED:
             self._trainer.precision = getattr(torch, cfg.MONTAGE.AMP_DTYPE)
+            if self._trainer.precision == torch.bfloat16:
+                # bf16 has fp32's range: loss scaling only adds an unscale pass and a sync.
+                self._trainer.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -39,6 +39,8 @@ class MontageClassifier(nn.Module):
     (-1 = never computed).
     """
 
+    LOG_PERIOD = 20  # iterations between training-accuracy readings
+
     @configurable
     def __init__(
         self,
@@ -167,21 +169,25 @@ class MontageClassifier(nn.Module):
         if not self.training:
             return logits
         labels = batch["labels"].to(self.device, non_blocking=True)
-        # The loss is computed in fp32 even under AMP: log-softmax over C+1 classes.
-        logits = logits.float()
-        if self.loss_name == "erf":
-            loss = erf_dense_loss(logits, labels, self.erf_weights, self.region_map)
-        elif self.loss_name == "blockwise":
-            loss = blockwise_loss(logits, labels, self.region_map)
-        elif self.loss_name == "global":
-            loss = global_loss(logits, labels, self.region_areas)
-        else:
-            loss = single_loss(logits, labels)
-        self._log_accuracy(logits, labels)
+        # The loss runs in fp32 even under AMP (log-softmax over C+1 classes, region einsums).
+        with torch.autocast(self.device.type, enabled=False):
+            logits = logits.float()
+            if self.loss_name == "erf":
+                loss = erf_dense_loss(logits, labels, self.erf_weights, self.region_map)
+            elif self.loss_name == "blockwise":
+                loss = blockwise_loss(logits, labels, self.region_map)
+            elif self.loss_name == "global":
+                loss = global_loss(logits, labels, self.region_areas)
+            else:
+                loss = single_loss(logits, labels)
+            storage = get_event_storage()
+            # .item() waits for the device: monitor every LOG_PERIOD iterations only.
+            if storage.iter % self.LOG_PERIOD == 0:
+                self._log_accuracy(logits, labels, storage)
         return {"loss_montage": loss}
 
     @torch.no_grad()
-    def _log_accuracy(self, logits, labels):
+    def _log_accuracy(self, logits, labels, storage):
         """Top-1 accuracy of each crop from its region's pooled logits (a training monitor)."""
         if labels.shape[1] == 1:
             pred = logits.mean(dim=(2, 3)).argmax(1, keepdim=True)
@@ -189,7 +195,7 @@ class MontageClassifier(nn.Module):
             onehot = F.one_hot(self.region_map, 4).permute(2, 0, 1).to(logits.dtype)  # (4, h, w)
             pooled = torch.einsum("nkhw,rhw->nrk", logits, onehot) / onehot.sum((1, 2))[:, None]
             pred = pooled.argmax(-1)
-        get_event_storage().put_scalar("montage/crop_acc", (pred == labels).float().mean().item())
+        storage.put_scalar("montage/crop_acc", (pred == labels).float().mean().item())
 
     def refresh_erf_weights(self, batch, iteration):
         """
