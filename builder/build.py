@@ -303,6 +303,9 @@ def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
         dict: ``{"out": path, "seconds": float, "counts": dict}``; ``counts`` is also stored in
         the bank's ``counts`` attribute.
 
+    With ``workers > 1`` the workers come from a fork server, so a script calling this must
+    guard its entry point with ``if __name__ == "__main__":`` (as for any non-fork start).
+
     Raises:
         BuildError: output exists without ``overwrite``, no usable crops, or (``strict``) any
             input problem. No output is written then.

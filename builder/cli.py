@@ -134,6 +134,9 @@ def parse_args(argv=None):
     show.add_argument("--per-group", type=int, default=8, help="crops per row (default 8)")
     show.add_argument("--cell", type=int, default=128, help="cell side in px (default 128)")
     show.add_argument("--seed", type=int, default=0, help="which crops are shown (default 0)")
+    show.add_argument(
+        "--negatives", type=int, default=2, help="background crops per row, rightmost (default 2)"
+    )
     show.set_defaults(func=_cmd_show)
     args = parser.parse_args(argv)
     if args.command == "build":
@@ -204,7 +207,14 @@ def _cmd_info(args):
 
 def _cmd_show(args):
     _require_bank(args.bank)
-    h, w = write_grid(args.bank, args.out, per_group=args.per_group, cell=args.cell, seed=args.seed)
+    h, w = write_grid(
+        args.bank,
+        args.out,
+        per_group=args.per_group,
+        cell=args.cell,
+        seed=args.seed,
+        negatives=args.negatives,
+    )
     print(f"wrote {args.out} ({w}x{h} px, rows S/T/W)")
     return 0
 

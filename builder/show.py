@@ -41,7 +41,19 @@ def _fit(crop, cell):
     return out
 
 
-def write_grid(bank_path, out_path, per_group=8, cell=128, seed=0):
+def _pick(index, labels, num_classes, count, negatives, rng):
+    """
+    Picks up to ``count`` of a group's indices: ``negatives`` background ones (more if there are
+    too few positives), the rest positives; positives first, each part ascending.
+    """
+    is_neg = labels[index] == num_classes
+    neg, pos = rng.permutation(index[is_neg]), rng.permutation(index[~is_neg])
+    n_neg = min(len(neg), max(negatives, count - len(pos)))
+    n_pos = min(len(pos), count - n_neg)
+    return np.concatenate([np.sort(pos[:n_pos]), np.sort(neg[:n_neg])]).astype(np.int64)
+
+
+def write_grid(bank_path, out_path, per_group=8, cell=128, seed=0, negatives=2):
     """
     Samples up to ``per_group`` crops of each group and writes them as a PNG grid.
 
@@ -51,6 +63,8 @@ def write_grid(bank_path, out_path, per_group=8, cell=128, seed=0):
         per_group (int): crops per row.
         cell (int): cell side in pixels.
         seed (int): which crops are picked.
+        negatives (int): cells per row shown from background crops (rightmost), so negatives get
+            looked at too; the rest are positives.
 
     Returns:
         tuple[int, int]: (height, width) of the written image.
@@ -60,17 +74,18 @@ def write_grid(bank_path, out_path, per_group=8, cell=128, seed=0):
     with h5py.File(bank_path, "r") as h5:
         check_bank(h5, bank_path)
         num_classes = int(h5.attrs["num_classes"])
-        names = json.loads(h5.attrs["category_names"]) + ["bg"]
+        names = json.loads(h5.attrs["category_names"]) + ["background"]
+        labels = h5["label"][...]
         for g in GROUPS:
             index = h5[f"index/{g}"][...]
-            pick = np.sort(rng.choice(index, size=min(per_group, len(index)), replace=False))
+            pick = _pick(index, labels, num_classes, per_group, negatives, rng)
             row = np.full((cell, _HEADER_W + per_group * cell, 3), _BG, dtype=np.uint8)
             _put_label(row, g, (10, cell // 2), scale=0.9)
             _put_label(row, f"n={len(index)}", (4, cell // 2 + 22), scale=0.35)
             for j, i in enumerate(pick):
                 crop = cv2.imdecode(np.asarray(h5["crops"][i], dtype=np.uint8), cv2.IMREAD_COLOR)
                 tile = _fit(crop, cell)
-                label = int(h5["label"][i])
+                label = int(labels[i])
                 h, w = (int(v) for v in h5["size"][i])
                 _put_label(tile, names[label][:16] if label <= num_classes else str(label), (2, 12))
                 _put_label(tile, f"{w}x{h}", (2, cell - 4))

@@ -55,3 +55,41 @@ def test_info_rejects_non_bank(tmp_path, capsys):
         f["x"] = [1]
     assert main(["show", str(tmp_path / "other.h5"), "--out", str(tmp_path / "g.png")]) == 1
     assert "not a Montage sample bank" in capsys.readouterr().err
+
+
+def test_bench_script_smoke(tmp_path, capsys):
+    """scripts/bench_builder.py runs end to end on a tiny synthetic dataset."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench_builder.py")
+    spec = importlib.util.spec_from_file_location("bench_builder", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    json_path, img_dir = synthetic(tmp_path, num_images=4)
+    assert bench.main(["--quick", "1", "--annotations", json_path, "--images", img_dir]) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "(a) decode only",
+        "(b) build, 1 worker",
+        "(c) build, 2 workers",
+        "ratio (b)/(a)",
+        "speed-up (b)/(c)",
+        "full COCO train2017 estimate",
+    ):
+        assert text in out, text
+
+
+def test_show_picks_negatives_rightmost():
+    import numpy as np
+
+    from builder.show import _pick
+
+    labels = np.array([0, 1, 3, 0, 3, 3, 2, 1])  # C = 3
+    index = np.arange(8)
+    rng = np.random.default_rng(0)
+    pick = _pick(index, labels, 3, 4, 2, rng)
+    assert len(pick) == 4 and (labels[pick] == 3).tolist() == [False, False, True, True]
+    # Too few positives: negatives fill the row; too few samples: the row is shorter.
+    assert len(_pick(index[2:6], labels, 3, 4, 1, rng)) == 4
+    assert len(_pick(index[:2], labels, 3, 4, 2, rng)) == 2

@@ -137,3 +137,16 @@ def test_bad_arguments_exit_2(tmp_path):
         with pytest.raises(SystemExit) as e:
             build(tmp_path / "a.json", tmp_path, tmp_path / "b.h5", *bad)
         assert e.value.code == 2
+
+
+def test_size_mismatch_reported_and_boxes_clipped_to_pixels(tmp_path):
+    json_path, img_dir, _ = make_dataset(tmp_path, [[{"bbox": [150, 10, 40, 40]}]])
+    data = json.load(open(json_path))
+    data["images"][0]["width"] = 400  # the file is 200 px wide
+    json.dump(data, open(json_path, "w"))
+    out = tmp_path / "b.h5"
+    assert build(json_path, img_dir, out, "--neg-ratio", 0) == 0
+    bank = read_bank(out)
+    assert bank["counts"]["problems"] == {"size_mismatch": 1}
+    assert bank["crop_box"][:, 2].max() <= 200
+    assert build(json_path, img_dir, tmp_path / "s.h5", "--strict") == 1
