@@ -82,8 +82,9 @@ def _add_build_parser(sub):
         nargs=2,
         default=[1.0, 1.5],
         metavar=("LO", "HI"),
-        help="total enlargement of each positive side, drawn uniformly in [LO, HI] "
-        "(default 1.0 1.5)",
+        help="context for positives: box width and height are scaled by independent factors "
+        "drawn uniformly in [LO, HI], the margin split at random between opposite sides, then "
+        "clipped to the image (default 1.0 1.5)",
     )
     p.add_argument(
         "--min-size",
