@@ -79,3 +79,60 @@ def test_reopen_after_fork_in_dataloader_workers(bank_path, crop_color):
     for i, px in pixels.items():
         assert (px == crop_color(i)).all()
     assert bank._h5 is parent_handle and bank.decode(1).shape[2] == 3  # parent unaffected
+
+
+_lookups = {}  # pid -> lookups of "crops" by name (a forked worker counts its own)
+
+
+def _spy_getitem(monkeypatch):
+    real = h5py.Group.__getitem__
+
+    def getitem(self, name):
+        if name == "crops":
+            _lookups[os.getpid()] = _lookups.get(os.getpid(), 0) + 1
+        return real(self, name)
+
+    _lookups.clear()
+    monkeypatch.setattr(h5py.Group, "__getitem__", getitem)
+
+
+def test_crops_dataset_looked_up_once_per_handle(bank_path, crop_color, monkeypatch):
+    _spy_getitem(monkeypatch)
+    bank = SampleBank(bank_path)
+    for i in range(len(bank)):
+        assert (bank.decode(i) == crop_color(i)).all()
+    assert _lookups == {os.getpid(): 1}
+    ds = bank.crops_dataset
+    assert bank.crops_dataset is ds and ds.name == "/crops"
+    bank.close()
+    assert bank._crops is None
+    bank.decode(0)
+    assert bank.crops_dataset is not ds and _lookups[os.getpid()] == 2
+    clone = pickle.loads(pickle.dumps(bank))
+    assert clone._crops is None and clone.decode(1).shape[2] == 3
+    bank.close()
+    clone.close()
+
+
+class _Lookups(Dataset):
+    def __init__(self, bank):
+        self.bank = bank
+
+    def __len__(self):
+        return len(self.bank)
+
+    def __getitem__(self, i):
+        px = torch.from_numpy(self.bank.decode(i)[0, 0].copy())
+        return px, os.getpid(), _lookups.get(os.getpid(), 0)
+
+
+def test_forked_worker_looks_up_its_own_dataset_once(bank_path, crop_color, monkeypatch):
+    _spy_getitem(monkeypatch)
+    bank = SampleBank(bank_path)
+    bank.decode(0)  # the parent holds a handle and its dataset before the workers fork
+    loader = DataLoader(_Lookups(bank), batch_size=None, num_workers=2,
+                        multiprocessing_context="fork")
+    for i, (px, pid, lookups) in enumerate(loader):
+        assert pid != os.getpid() and lookups == 1  # reopened, looked up once per worker
+        assert (px.numpy() == crop_color(i)).all()
+    assert _lookups == {os.getpid(): 1}

@@ -147,3 +147,55 @@ def test_build_loader_workers_and_random_seed(bank_path):
     batch = next(iter(loader))
     assert batch["labels"].shape == (4, 4)
     assert np.isin(batch["labels"].numpy(), np.arange(4)).all()
+
+
+def test_stream_yields_chw_views_of_decoded_arrays(bank_path):
+    # No per-crop HWC -> CHW copy in the stream: the collate's copy is the only one.
+    for item in _take(MontageStream(bank_path, seed=5), 5):
+        for c in item["crops"]:
+            h, w = c.shape[1:]
+            assert c.stride() == (1, 3 * w, 3)
+
+
+def test_collate_writes_every_pixel_of_an_uninitialised_batch(bank_path, monkeypatch):
+    items = _take(MontageStream(bank_path, seed=6), 4)
+    reference = collate_montages(
+        [{"crops": [c.contiguous() for c in it["crops"]], "labels": it["labels"]} for it in items])
+    # Whatever torch.empty hands out, padding is zeroed and crops are copied in full.
+    monkeypatch.setattr(data_mod, "_new_uint8",
+                        lambda shape: torch.full(shape, 255, dtype=torch.uint8))
+    batch = collate_montages(items)
+    for k in ("crops", "sizes", "labels"):
+        assert torch.equal(batch[k], reference[k]), k
+    assert not batch["crops"].is_shared()  # outside a worker: ordinary memory
+
+
+def _collate_and_report_shared(items):
+    batch = collate_montages(items)
+    batch["shared_in_worker"] = torch.tensor(batch["crops"].is_shared())
+    return batch
+
+
+def test_collate_allocates_shared_memory_in_workers(bank_path):
+    loader = DataLoader(MontageStream(bank_path, seed=0), batch_size=3, num_workers=1,
+                        collate_fn=_collate_and_report_shared, multiprocessing_context="fork")
+    batch = next(iter(loader))
+    assert bool(batch["shared_in_worker"])
+    assert batch["crops"].shape[:2] == (12, 3)
+    sizes = batch["sizes"]
+    for i, (h, w) in enumerate(sizes.tolist()):
+        assert batch["crops"][i, :, h:, :].sum() == 0 and batch["crops"][i, :, :, w:].sum() == 0
+
+
+def test_loader_worker_settings(bank_path):
+    import cv2
+
+    loader = build_montage_train_loader(_cfg(bank_path, **{"DATALOADER.NUM_WORKERS": 2}))
+    assert loader.prefetch_factor == 2 and loader.worker_init_fn is data_mod.worker_init
+    assert build_montage_train_loader(_cfg(bank_path)).worker_init_fn is None  # in process
+    before = cv2.getNumThreads()
+    try:
+        data_mod.worker_init(0)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)

@@ -2,8 +2,16 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import roi_align
 
-from montage_pretrain.montage import MontageTemplate, assemble_montages, assemble_single
+from montage_pretrain.montage import (
+    MontageTemplate,
+    _prepare,
+    _resample,
+    _sampling_bound,
+    assemble_montages,
+    assemble_single,
+)
 
 pytestmark = pytest.mark.usefixtures("few_threads")
 
@@ -180,4 +188,124 @@ def test_cuda_matches_cpu():
     gpu = assemble_montages(crops.cuda(), sizes.cuda(), t,
                             generator=torch.Generator().manual_seed(2))
     assert gpu.device.type == "cuda"
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-2)
+
+
+def _reference_prepare(crops, sizes):
+    # The edge replication as first written (nonzero-selected rows, then columns).
+    x = crops.float()
+    for i, (h, w) in enumerate(sizes.tolist()):
+        if h < x.shape[2]:
+            x[i, :, h, :] = x[i, :, h - 1, :]
+    for i, (h, w) in enumerate(sizes.tolist()):
+        if w < x.shape[3]:
+            x[i, :, :, w] = x[i, :, :, w - 1]
+    return x
+
+
+def test_prepare_edge_replication_without_sync():
+    # Crops that fill the padded tensor in height, width, both or neither.
+    sizes = [(10, 7), (12, 7), (10, 9), (12, 9), (5, 3)]
+    def noise(i, h, w):
+        g = torch.Generator().manual_seed(i)
+        return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+    crops, sz = _padded(sizes, noise, hm=12, wm=9)
+    x, out_sizes = _prepare(crops, sz)
+    assert torch.equal(x, _reference_prepare(crops, sz))
+    assert torch.equal(out_sizes, sz)
+
+
+def test_padding_values_are_never_read():
+    # The collate zero-pads, but the assembly must not depend on it: garbage padding gives the
+    # same montages (only the replicated first padding row/column is sampled).
+    crops, sizes = _padded(SIZES * 2, _ramp)
+    garbage = crops.clone()
+    for i, (h, w) in enumerate(sizes.tolist()):
+        garbage[i, :, h:, :] = 255
+        garbage[i, :, :, w:] = 255
+    t = MontageTemplate(64, 0.3)
+    for kw in (dict(), dict(color_jitter=0.3), dict(flip=False, scale_jitter=(1.0, 1.0))):
+        a = assemble_montages(crops, sizes, t, generator=torch.Generator().manual_seed(4), **kw)
+        b = assemble_montages(garbage, sizes, t, generator=torch.Generator().manual_seed(4), **kw)
+        assert torch.equal(a, b), kw
+        a = assemble_single(crops, sizes, 40, generator=torch.Generator().manual_seed(4), **kw)
+        b = assemble_single(garbage, sizes, 40, generator=torch.Generator().manual_seed(4), **kw)
+        assert torch.equal(a, b), kw
+
+
+def test_sizes_validation():
+    crops, sizes = _padded(SIZES, lambda i, h, w: 100)
+    t = MontageTemplate(64, 0.3)
+    for bad in ([0, 5], [crops.shape[2] + 1, 5], [5, crops.shape[3] + 1]):
+        wrong = sizes.clone()
+        wrong[2] = torch.tensor(bad)
+        with pytest.raises(ValueError, match="sizes must be"):
+            assemble_montages(crops, wrong, t)
+        with pytest.raises(ValueError, match="sizes must be"):
+            assemble_single(crops, wrong, 32, validate=True)
+        # Unchecked: wrong pixels at worst, never an out-of-bounds access.
+        out = assemble_montages(crops, wrong, t, validate=False,
+                                generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="sizes must be"):
+        assemble_montages(crops, sizes[:-1], t)
+
+
+def test_sampling_bound_from_shapes():
+    assert _sampling_bound((187, 209), (67, 67)) == 3
+    assert _sampling_bound((256, 256), (67, 157)) == 2  # the cover scale uses the tighter axis
+    assert _sampling_bound((128, 128), (32, 32)) == 4  # exactly 4, not 5
+    assert _sampling_bound((256, 40), (32, 32)) == 2
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_sampling_ratio_when_shapes_exceed_the_cap(big):
+    # Padded 200 x 200 into 32 x 32: the shapes allow a 6.25x downscale (> cap 4), so the data
+    # decide, as before: ratio 0 (exact per crop) while every crop needs <= 4 samples, else
+    # the cap for the whole call. The CPU reads the need; an accelerator computes both and
+    # selects on the device: both give the same pixels.
+    sizes = [(40, 50), (30, 30)] + ([(200, 190)] if big else [])
+    crops, sz = _padded(sizes, _ramp, hm=200, wm=200)
+    x, sz = _prepare(crops, sz)
+    h, w = sz[:, 0].float(), sz[:, 1].float()
+    s = torch.maximum(32 / h, 32 / w)
+    boxes = torch.stack([torch.arange(len(sizes)).float(), torch.zeros_like(h),
+                         torch.zeros_like(h), 32 / s, 32 / s], dim=1)
+    read = _resample(x, boxes, (32, 32), 1 / s, 4, select_on_device=False)
+    select = _resample(x, boxes, (32, 32), 1 / s, 4, select_on_device=True)
+    assert torch.equal(read, select)
+    expect = roi_align(x, boxes, output_size=(32, 32), spatial_scale=1.0,
+                       sampling_ratio=4 if big else 0, aligned=True)
+    assert torch.equal(read, expect)
+
+
+def test_downscale_antialias_with_large_padding():
+    # A 4x downscale in a tensor padded to 8x: the shapes exceed the cap, the data do not.
+    h = w = 128
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    board = (((yy + xx) % 2) * 200).to(torch.uint8)
+    crops = torch.zeros(1, 3, 256, 256, dtype=torch.uint8)
+    crops[0, :, :h, :w] = board
+    out = assemble_single(crops, torch.tensor([[h, w]]), 32, flip=False, scale_jitter=(1.0, 1.0))
+    assert torch.allclose(out, torch.full_like(out, 100.0), atol=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hm", [None, 400])  # 400: shapes exceed the sampling cap (select path)
+def test_cuda_assembly_never_syncs(hm):
+    crops, sizes = _padded(SIZES, _ramp, hm=hm, wm=hm)
+    t = MontageTemplate(64, 0.3)
+    crops, sizes = crops.cuda(), sizes.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kw in (dict(color_jitter=0.4), dict(flip=False),
+                   dict(generator=torch.Generator().manual_seed(0))):  # CPU draws, moved
+            assemble_montages(crops, sizes, t, **kw)
+            assemble_single(crops, sizes, 48, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = assemble_montages(crops.cpu(), sizes.cpu(), t, generator=torch.Generator().manual_seed(2))
+    gpu = assemble_montages(crops, sizes, t, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-2)

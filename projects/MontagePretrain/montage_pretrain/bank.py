@@ -10,6 +10,9 @@ from builder.schema import GROUPS, check_bank
 
 __all__ = ["SampleBank"]
 
+# OpenCV >= 4.10 decodes to RGB directly (same pixels as IMREAD_COLOR + BGR2RGB, one pass less).
+_IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
 
 class SampleBank:
     """
@@ -21,7 +24,9 @@ class SampleBank:
     fork) and each worker opens its own handle.
 
     Small per-sample arrays (labels, groups, sizes, box areas, group indexes) are read once and
-    cached; crops are read and decoded one at a time by :meth:`decode`.
+    cached; crops are read and decoded one at a time by :meth:`decode`, through the ``/crops``
+    dataset object of this process's handle, kept (a lookup by name per crop costs more than
+    the read).
     """
 
     def __init__(self, path):
@@ -33,6 +38,7 @@ class SampleBank:
         self._check_exists()
         self._h5 = None
         self._pid = None
+        self._crops = None
         self._cache = {}
 
     def _check_exists(self):
@@ -48,10 +54,19 @@ class SampleBank:
             # After a fork the inherited handle belongs to the parent: forget it, never close it
             # here (closing would act on the parent's HDF5 state).
             self._check_exists()
+            self._crops = None  # belonged to the forgotten handle
             self._h5 = h5py.File(self.path, "r")
             self._pid = os.getpid()
             check_bank(self._h5, self.path)
         return self._h5
+
+    @property
+    def crops_dataset(self):
+        """The ``/crops`` dataset of this process's handle (looked up once per handle)."""
+        h5 = self.h5  # reopens after a fork, which drops the dataset of the old handle
+        if self._crops is None:
+            self._crops = h5["crops"]
+        return self._crops
 
     def close(self):
         """Closes this process's handle (it is reopened on the next access)."""
@@ -59,6 +74,7 @@ class SampleBank:
             self._h5.close()
         self._h5 = None
         self._pid = None
+        self._crops = None
 
     def __getstate__(self):
         return {"path": self.path}
@@ -67,6 +83,7 @@ class SampleBank:
         self.path = state["path"]
         self._h5 = None
         self._pid = None
+        self._crops = None
         self._cache = {}
 
     def _cached(self, key, fn):
@@ -136,11 +153,15 @@ class SampleBank:
         Returns:
             np.ndarray: (h, w, 3) uint8 RGB.
         """
-        data = np.asarray(self.h5["crops"][int(i)], dtype=np.uint8)
-        img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        data = np.asarray(self.crops_dataset[int(i)], dtype=np.uint8)
+        if _IMREAD_COLOR_RGB is not None:
+            img = cv2.imdecode(data, _IMREAD_COLOR_RGB)  # RGB straight from the decoder
+        else:
+            img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+            img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if img is None:
             raise ValueError(f"{self.path}: crop {i} could not be decoded ({data.size} bytes)")
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return img
 
     def __repr__(self):
         return f"SampleBank({self.path!r})"

@@ -3,10 +3,17 @@ The infinite stream of Montage samples (2 S + 1 T + 1 W per montage) and its loa
 
 Workers only draw, decode and pad crops; the montages themselves are assembled on the model's
 device by :func:`montage_pretrain.montage.assemble_montages`.
+
+Pixels are copied once on the host: a decoded crop stays in its HWC array (the stream yields a
+CHW view of it), and the collate writes it, transposed, straight into the padded batch, which
+inside a DataLoader worker lives in shared memory so that handing it to the main process
+copies nothing.
 """
 import logging
+import math
 import os
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -39,7 +46,9 @@ class MontageStream(IterableDataset):
     Endless stream of montage samples, each a dict:
 
     * ``crops``: list of k uint8 tensors (3, h, w), RGB, in region order 0 = TL (the S crop with
-      the smaller original-box area), 1 = TR (W), 2 = BL (T), 3 = BR (larger-area S);
+      the smaller original-box area), 1 = TR (W), 2 = BL (T), 3 = BR (larger-area S); each a
+      CHW view (not contiguous) of the decoded HWC array: :func:`collate_montages` does the
+      one copy;
     * ``labels``: int64 (k,).
 
     Draws are uniform with replacement within each group, so there are no epochs. The RNG is
@@ -138,30 +147,64 @@ class MontageStream(IterableDataset):
         rng = self._rng()
         while True:
             idx = self._draw(rng)
-            crops = [torch.from_numpy(self.bank.decode(i)).permute(2, 0, 1).contiguous()
-                     for i in idx]
+            # Views: the HWC -> CHW copy happens once, in collate_montages.
+            crops = [torch.from_numpy(self.bank.decode(i)).permute(2, 0, 1) for i in idx]
             yield {"crops": crops, "labels": torch.as_tensor(self.labels[idx], dtype=torch.long)}
+
+
+def _new_uint8(shape):
+    """
+    Uninitialised uint8 tensor of ``shape``; inside a DataLoader worker its storage is shared
+    memory (as torch's default_collate allocates it), so sending it to the main process does
+    not copy it again.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    elem = torch.empty(0, dtype=torch.uint8)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).resize_(shape)
 
 
 def collate_montages(items):
     """
     Pads the crops of ``items`` into one tensor (in the worker, so only one copy crosses).
 
+    Each crop's pixels are written once, straight from its (possibly HWC-strided) tensor into
+    the batch, and only the padding around it is zeroed. Inside a DataLoader worker the batch
+    is allocated in shared memory.
+
     Args:
-        items (list[dict]): N samples of :class:`MontageStream`, k crops each.
+        items (list[dict]): N samples of :class:`MontageStream`, k crops each; a crop is any
+            uint8 (3, h, w) tensor, contiguous or not.
 
     Returns:
         dict: ``crops`` uint8 (N*k, 3, Hm, Wm) zero-padded at the bottom/right, ``sizes`` int64
         (N*k, 2) true (h, w), ``labels`` int64 (N, k).
     """
     crops = [c for it in items for c in it["crops"]]
-    sizes = torch.tensor([c.shape[1:] for c in crops], dtype=torch.long)
-    hm, wm = int(sizes[:, 0].max()), int(sizes[:, 1].max())
-    out = torch.zeros(len(crops), 3, hm, wm, dtype=torch.uint8)
-    for i, c in enumerate(crops):
-        out[i, :, : c.shape[1], : c.shape[2]] = c
+    hw = [(int(c.shape[1]), int(c.shape[2])) for c in crops]
+    sizes = torch.tensor(hw, dtype=torch.long)
+    hm, wm = max(h for h, _ in hw), max(w for _, w in hw)
+    out = _new_uint8((len(crops), 3, hm, wm))
+    # Through numpy: its strided copy transposes HWC -> CHW about twice as fast as torch's, and
+    # its slicing costs less per crop.
+    buf = out.numpy()
+    for i, (c, (h, w)) in enumerate(zip(crops, hw)):
+        dst = buf[i]
+        np.copyto(dst[:, :h, :w], c.numpy() if torch.is_tensor(c) else c)  # the one copy
+        dst[:, h:, :] = 0
+        dst[:, :h, w:] = 0
     labels = torch.stack([it["labels"] for it in items])
     return {"crops": out, "sizes": sizes, "labels": labels}
+
+
+def worker_init(worker_id):
+    """
+    ``worker_init_fn`` of the montage loader: one OpenCV thread per worker (each decode is one
+    small crop; N workers with a default pool each would oversubscribe the cores). torch
+    already runs its workers single-threaded.
+    """
+    cv2.setNumThreads(1)
 
 
 def build_montage_train_loader(cfg):
@@ -195,5 +238,7 @@ def build_montage_train_loader(cfg):
         collate_fn=collate_montages,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=worker_init if workers > 0 else None,
+        # Batches in flight per worker; 2 bounds the shared memory (/dev/shm) they occupy.
+        prefetch_factor=2 if workers > 0 else None,
     )

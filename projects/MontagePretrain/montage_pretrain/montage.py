@@ -12,6 +12,7 @@ __all__ = ["MontageTemplate", "assemble_montages", "assemble_single"]
 
 # Cap of roi_align's samples per output pixel and axis: a 4x4 grid already antialiases a 4x
 # downscale exactly; larger downscales (rare once the builder bounds crop sizes) alias mildly.
+# Applied without waiting for the device (see _resample).
 MAX_SAMPLING_RATIO = 4
 
 
@@ -138,34 +139,100 @@ class MontageTemplate:
 
 def _uniform(n, lo, hi, generator, device):
     # Random numbers are drawn on the generator's device (a CPU generator cannot fill a CUDA
-    # tensor) and then moved; they are tiny.
+    # tensor) and then moved; they are tiny. A host-to-device move does not wait for the device
+    # (non_blocking; the fresh CPU tensor is staged at once); towards the CPU it must wait.
     gdev = generator.device if generator is not None else device
-    u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float32).to(device)
+    u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float32)
+    u = u.to(device, non_blocking=torch.device(device).type != "cpu")
     return lo + (hi - lo) * u
 
 
-def _prepare(crops, sizes):
+def _check_sizes(sizes, hm, wm):
+    """ValueError unless every (h, w) is within 1..(hm, wm). ``sizes`` on the CPU (no sync)."""
+    if (sizes < 1).any() or (sizes[:, 0] > hm).any() or (sizes[:, 1] > wm).any():
+        raise ValueError("sizes must be (h, w) >= 1 and within the padded crop tensor")
+
+
+def _prepare(crops, sizes, validate=None):
     """
     Float copy of the padded crops whose first padding row/column replicates the last real
     one. roi_align interpolates bilinearly against the full padded tensor, so a sample within
-    half a pixel of a crop's bottom/right edge would otherwise blend in the zero padding.
+    half a pixel of a crop's bottom/right edge would otherwise blend in the padding; no sample
+    reaches further (see :func:`_cover_crop`), so the rest of the padding may hold anything.
+
+    No host-device synchronisation: the edge copy indexes every crop (a crop that fills the
+    padded tensor copies its last row/column onto itself), and ``sizes`` are checked only
+    where that is free (see ``validate``).
+
+    Args:
+        validate (bool or None): check ``sizes`` (ValueError). None: only when ``sizes`` is on
+            the CPU (free); True: always (a device sync when ``sizes`` is on an accelerator);
+            False: never. Unchecked invalid sizes give wrong pixels, never an out-of-bounds
+            access (the indexes are clamped).
     """
     if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
         raise ValueError(
             f"crops must be uint8 (N, 3, H, W), got {crops.dtype} {tuple(crops.shape)}")
+    n, _, H, W = crops.shape
+    if sizes.shape != (n, 2):
+        raise ValueError(f"sizes must be ({n}, 2) for {n} crops, got {tuple(sizes.shape)}")
+    if validate or (validate is None and sizes.device.type == "cpu"):
+        _check_sizes(sizes.cpu(), H, W)
     x = crops.float()
-    sizes = sizes.to(crops.device).long()
-    if (sizes < 1).any() or (sizes[:, 0] > x.shape[2]).any() or (sizes[:, 1] > x.shape[3]).any():
-        raise ValueError("sizes must be (h, w) >= 1 and within the padded crop tensor")
-    h, w = sizes[:, 0], sizes[:, 1]
-    rows = (h < x.shape[2]).nonzero().flatten()
-    if rows.numel():
-        x[rows, :, h[rows], :] = x[rows, :, h[rows] - 1, :]
-    cols = (w < x.shape[3]).nonzero().flatten()
-    if cols.numel():
+    # CPU sizes (free to check) go to an accelerator without waiting for it (a host-to-device
+    # copy; never non_blocking towards the CPU, whose result could be read before it lands).
+    sizes = sizes.to(crops.device, non_blocking=crops.device.type != "cpu").long()
+    if n:
+        ar = torch.arange(n, device=crops.device)
+        h, w = sizes[:, 0].clamp(1, H), sizes[:, 1].clamp(1, W)
+        x[ar, :, h.clamp(max=H - 1), :] = x[ar, :, h - 1, :]
         # After the rows, so the corner (h, w) also gets the last real pixel.
-        x[cols, :, :, w[cols]] = x[cols, :, :, w[cols] - 1]
+        x[ar, :, :, w.clamp(max=W - 1)] = x[ar, :, :, w - 1]
     return x, sizes
+
+
+def _sampling_bound(padded_hw, out_hw):
+    """
+    Most roi_align samples per output pixel and axis that antialiasing any window of a crop of
+    a ``padded_hw`` tensor resampled to ``out_hw`` can need, from shapes only (no device sync):
+    a window is downscaled by 1/s <= min(h / rh, w / rw) <= min(Hm / rh, Wm / rw) (the cover
+    scale, zoom >= 1, crops within the padded tensor).
+    """
+    (hm, wm), (rh, rw) = padded_hw, out_hw
+    return int(math.ceil(min(hm / rh, wm / rw) - 1e-6))
+
+
+def _resample(x, boxes, out_hw, inv_scale, max_sampling_ratio, select_on_device=None):
+    """
+    roi_align of ``boxes`` to ``out_hw``, antialiased with ceil(1/s) bilinear samples per output
+    pixel and axis (``inv_scale`` = 1/s per box): sampling_ratio=0 lets roi_align pick exactly
+    ceil(window / output) per crop and axis; when some crop of the call needs more than
+    ``max_sampling_ratio``, one shared ratio, the cap, is used for the whole call.
+
+    Without waiting for the device: when the shapes bound the need within the cap (the usual
+    case, e.g. 224 px canvases with crops of at most 256 px) there is one call with ratio 0;
+    otherwise the data decide, on the CPU by reading the need (free there) and on an
+    accelerator by computing both resamplings and selecting one on the device.
+
+    Args:
+        select_on_device (bool or None): force (True) or forbid (False) the two-call select;
+            None: on any device but the CPU. Both give the same pixels.
+    """
+    cap = max_sampling_ratio
+    if inv_scale.numel() == 0 or _sampling_bound(x.shape[2:], out_hw) <= cap:
+        ratio = 0
+    else:
+        # As ceil(max(1/s) - 1e-6) > cap, in float64 like the Python float it replaces.
+        over = inv_scale.amax().double() - 1e-6 > cap
+        if select_on_device is None:
+            select_on_device = x.device.type != "cpu"
+        if select_on_device:
+            both = [roi_align(x, boxes, output_size=out_hw, spatial_scale=1.0, sampling_ratio=r,
+                              aligned=True) for r in (cap, 0)]
+            return torch.where(over, *both)
+        ratio = cap if bool(over) else 0
+    return roi_align(x, boxes, output_size=out_hw, spatial_scale=1.0, sampling_ratio=ratio,
+                     aligned=True)
 
 
 def _color_jitter(x, strength, generator):
@@ -173,7 +240,8 @@ def _color_jitter(x, strength, generator):
     n, dev = x.shape[0], x.device
     b, c, s = (_uniform(n, 1 - strength, 1 + strength, generator, dev).view(n, 1, 1, 1)
                for _ in range(3))
-    coef = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)  # RGB luma
+    # RGB luma; built on the CPU and sent without waiting (torch.tensor(..., device=cuda) syncs).
+    coef = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(dev, non_blocking=True)
     # In place: x is the fresh roi_align output.
     x.mul_(b)
     mean = (x * coef).sum(1, keepdim=True).mean((2, 3), keepdim=True)
@@ -186,7 +254,8 @@ def _color_jitter(x, strength, generator):
 def _cover_crop(x, sizes, index, out_hw, flip, scale_jitter, color_jitter, generator,
                 max_sampling_ratio):
     """
-    Resamples crops ``index`` of ``x`` to ``out_hw`` with ONE roi_align call.
+    Resamples crops ``index`` of ``x`` to ``out_hw`` with ONE roi_align call (two in the rare
+    case :func:`_resample` describes, on an accelerator).
 
     Each crop is scaled by s = max(rh / h, rw / w) * U(scale_jitter) (>= the cover scale, so the
     region is filled, no padding; one s for both axes, so no warping), and a (rh / s, rw / s)
@@ -209,17 +278,10 @@ def _cover_crop(x, sizes, index, out_hw, flip, scale_jitter, color_jitter, gener
     y0 = oy * (h - win_h).clamp(min=0)
     x0 = ox * (w - win_w).clamp(min=0)
     boxes = torch.stack([index.to(dev).float(), x0, y0, x0 + win_w, y0 + win_h], dim=1)
-    # Antialiasing: ceil(1/s) bilinear samples per output pixel and axis when downscaling.
-    # sampling_ratio=0 lets roi_align pick exactly ceil(window / output) per crop; above the cap
-    # one shared ratio is used for the whole call.
-    need = int(math.ceil(float((1.0 / s).max()) - 1e-6)) if n else 1
-    ratio = 0 if need <= max_sampling_ratio else max_sampling_ratio
-    out = roi_align(x, boxes, output_size=(rh, rw), spatial_scale=1.0,
-                    sampling_ratio=ratio, aligned=True)
+    out = _resample(x, boxes, (rh, rw), 1.0 / s, max_sampling_ratio)
     if flip:
-        sel = coin.nonzero().flatten()
-        if sel.numel():
-            out[sel] = out[sel].flip(-1)
+        # A select, not coin.nonzero() (a device sync).
+        out = torch.where(coin.view(n, 1, 1, 1), out.flip(-1), out)
     if color_jitter > 0:
         out = _color_jitter(out, color_jitter, generator)
     return out
@@ -236,14 +298,15 @@ def _check_jitter(scale_jitter):
 
 
 def assemble_montages(crops, sizes, template, *, flip=True, scale_jitter=(1.0, 1.25),
-                      color_jitter=0.0, generator=None, max_sampling_ratio=MAX_SAMPLING_RATIO):
+                      color_jitter=0.0, generator=None, max_sampling_ratio=MAX_SAMPLING_RATIO,
+                      validate=None):
     """
     Assembles montages on the crops' device (batched: one roi_align call per region).
 
     Args:
-        crops (Tensor): uint8 (B*4, 3, Hm, Wm) RGB crops, zero-padded at the bottom/right;
-            crop ``b*4 + r`` goes to region r of montage b.
-        sizes (Tensor): int64 (B*4, 2) true (h, w) of each crop, pixels.
+        crops (Tensor): uint8 (B*4, 3, Hm, Wm) RGB crops, padded at the bottom/right (the
+            padding's values are never used); crop ``b*4 + r`` goes to region r of montage b.
+        sizes (Tensor): int64 (B*4, 2) true (h, w) of each crop, pixels; on any device.
         template (MontageTemplate): canvas and regions.
         flip (bool): flip each crop horizontally with probability 0.5.
         scale_jitter (tuple[float, float]): zoom U(lo, hi) on top of the cover scale; lo >= 1.
@@ -251,6 +314,13 @@ def assemble_montages(crops, sizes, template, *, flip=True, scale_jitter=(1.0, 1
             U(1 - s, 1 + s); 0 = off.
         generator (torch.Generator or None): source of randomness (any device).
         max_sampling_ratio (int): cap of roi_align samples per output pixel and axis.
+        validate (bool or None): check that ``sizes`` lie within 1..(Hm, Wm) (ValueError).
+            None (default): only when ``sizes`` is on the CPU, where it is free; True: always,
+            which waits for the device when ``sizes`` is on an accelerator; False: never.
+
+    Nothing here waits for the device (no ``.item()``, ``nonzero()`` or data-dependent
+    branch), so the call only queues kernels. Pass ``sizes`` on the CPU (they are moved
+    without waiting) to get the check for free with CUDA crops.
 
     Returns:
         Tensor: (B, 3, S, S) float32 pixel values in 0..255, same channel order as ``crops``.
@@ -258,7 +328,7 @@ def assemble_montages(crops, sizes, template, *, flip=True, scale_jitter=(1.0, 1
     if crops.shape[0] % 4:
         raise ValueError(f"assemble_montages needs 4 crops per montage, got {crops.shape[0]}")
     jitter = _check_jitter(scale_jitter)
-    x, sizes = _prepare(crops, sizes)
+    x, sizes = _prepare(crops, sizes, validate)
     B, S = crops.shape[0] // 4, template.size
     canvas = torch.empty(B, 3, S, S, device=crops.device)
     base = torch.arange(B, device=crops.device) * 4
@@ -270,19 +340,20 @@ def assemble_montages(crops, sizes, template, *, flip=True, scale_jitter=(1.0, 1
 
 
 def assemble_single(crops, sizes, input_size, *, flip=True, scale_jitter=(1.0, 1.25),
-                    color_jitter=0.0, generator=None, max_sampling_ratio=MAX_SAMPLING_RATIO):
+                    color_jitter=0.0, generator=None, max_sampling_ratio=MAX_SAMPLING_RATIO,
+                    validate=None):
     """
     The no-montage baseline: cover-crops one crop per image into the whole S x S canvas.
 
     Args:
-        crops (Tensor): uint8 (B, 3, Hm, Wm), zero-padded; sizes (Tensor): int64 (B, 2).
+        crops (Tensor): uint8 (B, 3, Hm, Wm), padded; sizes (Tensor): int64 (B, 2).
         input_size (int): canvas side S. Other arguments as in :func:`assemble_montages`.
 
     Returns:
         Tensor: (B, 3, S, S) float32 in 0..255.
     """
     jitter = _check_jitter(scale_jitter)
-    x, sizes = _prepare(crops, sizes)
+    x, sizes = _prepare(crops, sizes, validate)
     index = torch.arange(crops.shape[0], device=crops.device)
     return _cover_crop(x, sizes, index, (int(input_size),) * 2, flip, jitter, color_jitter,
                        generator, max_sampling_ratio)
