@@ -145,7 +145,8 @@ class MontageClassifier(nn.Module):
             Tensor: (N, 3, S, S) float32, normalised.
         """
         crops = batch["crops"].to(self.device, non_blocking=True)
-        sizes = batch["sizes"].to(self.device, non_blocking=True)
+        # sizes stay on the host: assembly validates them there for free, then moves them.
+        sizes = batch["sizes"]
         aug = self.aug if self.training else dict(flip=False, scale_jitter=(1.0, 1.0))
         if self.loss_name == "single":
             images = assemble_single(crops, sizes, self.template.size, **aug)
