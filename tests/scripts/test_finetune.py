@@ -14,7 +14,8 @@ from torch import nn
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TOY_CONFIG = os.path.join(
-    ROOT, "projects", "MontagePretrain", "configs", "finetune", "demo", "faster_rcnn_R_18_FPN_toy.yaml"
+    ROOT, "projects", "MontagePretrain", "configs", "finetune", "demo",
+    "faster_rcnn_R_18_FPN_toy.yaml",
 )
 SCRATCH_CONFIG = TOY_CONFIG.replace("_toy.yaml", "_toy_scratch.yaml")
 # Tiny images, few proposals and 4 iterations: the whole run stays well under a minute.
@@ -104,7 +105,7 @@ def r18_export(tmp_path_factory):
 
 def run_finetune(config, tiny_coco, out_dir, *opts, extra_args=()):
     (train_json, train_images), (val_json, val_images) = tiny_coco
-    env = dict(os.environ, OMP_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # see finetune.py
     cmd = [
         sys.executable, os.path.join(ROOT, "scripts", "finetune.py"), "--config-file", config,
         "--train-json", train_json, "--train-images", train_images,
