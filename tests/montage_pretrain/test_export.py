@@ -11,7 +11,7 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_model, build_resnet_backbone
+from detectron2.modeling import build_backbone, build_model, build_resnet_backbone
 from montage_pretrain.config import add_montage_config
 from montage_pretrain.export import convert_state_dict, export_backbone, main
 from montage_pretrain.handoff import merge_config_file
@@ -53,18 +53,24 @@ class PretrainModel(nn.Module):
         self.register_buffer("erf_weights", torch.rand(4, 7, 7))
 
 
-def randomised_model(depth=50, seed=0):
-    """A pre-training model whose every backbone weight and BN statistic is random."""
-    torch.manual_seed(seed)
-    model = PretrainModel(pretrain_cfg(depth))
+def randomise_(module):
+    """Sets every weight and BN statistic of ``module`` to random values (in place)."""
     with torch.no_grad():
-        for name, t in model.backbone.state_dict().items():
+        for name, t in module.state_dict().items():
             if name.endswith("num_batches_tracked"):
                 t.fill_(17)
             elif name.endswith("running_var"):
                 t.uniform_(0.5, 2.0)
             else:
                 t.normal_(0.0, 0.1)
+    return module
+
+
+def randomised_model(depth=50, seed=0):
+    """A pre-training model whose every backbone weight and BN statistic is random."""
+    torch.manual_seed(seed)
+    model = PretrainModel(pretrain_cfg(depth))
+    randomise_(model.backbone)
     return model
 
 
@@ -230,3 +236,29 @@ def test_cli_from_trainer_checkpoint(tmp_path):
         model.backbone.state_dict()["res4.1.conv2.weight"].numpy(),
     )
     assert os.path.isfile(str(out) + ".yaml")
+
+
+def test_regnet_export_loads_into_regnet_fpn(tmp_path):
+    """Any registered backbone hands over: RegNetX-400MF (montage_pretrain/backbones.py)."""
+    from montage_pretrain import backbones  # noqa: F401  (registers the RegNet builders)
+
+    cfg = pretrain_cfg(50)
+    cfg.MODEL.BACKBONE.NAME = "build_montage_regnet_backbone"
+    cfg.MONTAGE.REGNET = "RegNetX-400MF"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["s4"]
+    model = nn.Module()
+    model.backbone = randomise_(build_backbone(cfg))
+    path = str(tmp_path / "regnet.pkl")
+    summary = export_backbone(model, cfg, path)
+    assert summary["settings"]["MONTAGE.REGNET"] == "RegNetX-400MF"
+    det = detector(
+        "faster_rcnn_R_50_FPN_1x_montage.yaml",
+        **{
+            "MODEL.BACKBONE.NAME": "build_montage_regnet_fpn_backbone",
+            "MODEL.RESNETS.OUT_FEATURES": ["s1", "s2", "s3", "s4"],
+            "MODEL.FPN.IN_FEATURES": ["s1", "s2", "s3", "s4"],
+            "MONTAGE.REGNET": "RegNetX-400MF",
+        },
+    )
+    keys = check_loaded(det, path, ("backbone.bottom_up.",))
+    assert len(keys) == summary["num_tensors"]

@@ -136,9 +136,11 @@ def convert_state_dict(state_dict):
             "checkpoint's 'model' dict."
         )
     if dropped:
+        counters = [k for k in dropped if k.endswith("num_batches_tracked")]
+        others = [k for k in dropped if not k.endswith("num_batches_tracked")]
         logger.info(
-            "Not exported (%d keys: not part of the backbone): %s", len(dropped),
-            ", ".join(dropped),
+            "Not exported (not part of the backbone): %s%s", ", ".join(others) or "-",
+            f"; {len(counters)} BN num_batches_tracked counters" if counters else "",
         )
     return converted, dropped
 
@@ -177,9 +179,12 @@ def settings_to_overrides(settings, weights_path=None):
         dict: dotted key -> value, in a fixed order.
     """
     overrides = OrderedDict()
+    is_resnet = "resnet" in str(settings.get("MODEL.BACKBONE.NAME", "resnet"))
     for key in SETTING_KEYS:
         if key in ("MODEL.BACKBONE.NAME", "MODEL.RESNETS.NORM") or settings.get(key) is None:
             continue
+        if key.startswith("MODEL.RESNETS.") and not is_resnet:
+            continue  # the ResNet shape keys do not apply (e.g. RegNet: MONTAGE.REGNET)
         overrides[key] = settings[key]
     norm = settings.get("MODEL.RESNETS.NORM")
     if norm:
@@ -237,7 +242,7 @@ def _atomic_write(path, data, mode):
 def _check_stages(weights):
     """Warns when a ResNet stage is missing (a C4 detector then misses ``roi_heads.res5``)."""
     names = {k.split(".", 1)[0] for k in weights}
-    if "stem" in names:
+    if "stem" in names and any(n.startswith("res") for n in names):
         missing = [s for s in ("res2", "res3", "res4", "res5") if s not in names]
         if missing:
             logger.warning(
