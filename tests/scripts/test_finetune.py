@@ -176,3 +176,30 @@ def test_setup_checks_without_training(tiny_coco, tmp_path):
                                 str(tmp_path / "missing.pkl")])
     with pytest.raises(FileNotFoundError, match="missing.pkl does not exist"):
         finetune.setup(args)
+
+
+def test_builtin_coco_names_without_json_flags(tmp_path):
+    """Without --train-json the stock DATASETS (coco_2017_*) under $DETECTRON2_DATASETS are used."""
+    coco = tmp_path / "coco"
+    write_tiny_coco(coco, "train2017", 2, seed=3)
+    write_tiny_coco(coco, "val2017", 2, seed=4)
+    code = (
+        "import sys; sys.path.insert(0, 'scripts'); import finetune; "
+        "cfg = finetune.setup(finetune.parse_args(sys.argv[1:])); "
+        "print('DATA', cfg.DATASETS.TRAIN, cfg.DATASETS.TEST, cfg.MODEL.ROI_HEADS.NUM_CLASSES)"
+    )
+    config = os.path.join(
+        os.path.dirname(TOY_CONFIG), "..", "scratch_faster_rcnn_R_50_FPN_1x_gn.yaml"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               DETECTRON2_DATASETS=str(tmp_path))
+    cmd = [sys.executable, "-c", code, "--config-file", config, "OUTPUT_DIR", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DATA ('coco_2017_train',) ('coco_2017_val',) 80" in proc.stdout
+
+    env["DETECTRON2_DATASETS"] = str(tmp_path / "nowhere")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "instances_train2017.json, which is missing" in proc.stderr
+    assert "$DETECTRON2_DATASETS/coco" in proc.stderr
