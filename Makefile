@@ -60,7 +60,7 @@ finetune: setup ## fine-tune FINETUNE_CONFIG from WEIGHTS and print COCO AP
 	$(PY) scripts/finetune.py --config-file $(FINETUNE_CONFIG) --num-gpus $(NUM_GPUS) \
 	    --train-json $(TRAIN_JSON) --train-images $(TRAIN_IMAGES) \
 	    --val-json $(VAL_JSON) --val-images $(VAL_IMAGES) \
-	    MODEL.WEIGHTS $(WEIGHTS) OUTPUT_DIR $(OUT)/finetune SEED $(SEED) $(FINETUNE_OPTS)
+	    MODEL.WEIGHTS "$(WEIGHTS)" OUTPUT_DIR $(OUT)/finetune SEED $(SEED) $(FINETUNE_OPTS)
 
 demo: setup ## toy data -> samples -> pretrain -> finetune (Montage and scratch) -> AP table
 	@test -f $(TRAIN_JSON) || $(MAKE) --no-print-directory toy

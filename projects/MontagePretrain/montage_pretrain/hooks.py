@@ -90,5 +90,6 @@ class ExportHook(HookBase):
         # Only a finished run is exported: an interrupted one re-exports when resumed.
         if comm.is_main_process() and self.trainer.iter + 1 >= self.trainer.max_iter:
             os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
-            export_backbone(unwrap_model(self.trainer.model), self._cfg, self._path)
+            export_backbone(unwrap_model(self.trainer.model), self._cfg, self._path,
+                            iteration=self.trainer.iter)
             logger.info("Exported the pre-trained backbone to %s", self._path)
