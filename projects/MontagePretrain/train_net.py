@@ -17,6 +17,7 @@ import torch
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from montage_pretrain import (  # noqa: E402
@@ -64,6 +65,9 @@ def setup(args):
     add_montage_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    # default_setup only sets up the detectron2 and fvcore loggers; ours report the config
+    # adaptations below, ERF refreshes, group fallbacks and the export.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="montage_pretrain")
     assert_montage_cfg(cfg, world_size=comm.get_world_size())
     cfg.freeze()
     default_setup(cfg, args)
