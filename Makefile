@@ -34,7 +34,7 @@ QUICK       ?= 0#                                   1 = smoke-sized make compare
 help: ## list targets and variables
 	@echo "Targets:"; grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sed 's/^/  /'
 	@echo "Variables (override with make TARGET VAR=value):"
-	@grep -E '^[A-Z_]+ *\?=' $(MAKEFILE_LIST) | sed -E 's/ *\?= */ = /; s/#/    # /' | sed 's/^/  /'
+	@grep -E '^[A-Z_]+ *\?=' $(MAKEFILE_LIST) | sed -E 's/ *\?= */ = /; s/ *# */    # /' | sed 's/^/  /'
 
 setup: $(VENV)/.ready ## create the Python 3.11 venv with torch, Detectron2 and the rest
 $(VENV)/.ready: requirements.txt scripts/setup_env.sh scripts/install_detectron2.sh
