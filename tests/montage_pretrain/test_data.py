@@ -188,14 +188,8 @@ def test_collate_allocates_shared_memory_in_workers(bank_path):
 
 
 def test_loader_worker_settings(bank_path):
-    import cv2
-
     loader = build_montage_train_loader(_cfg(bank_path, **{"DATALOADER.NUM_WORKERS": 2}))
-    assert loader.prefetch_factor == 2 and loader.worker_init_fn is data_mod.worker_init
-    assert build_montage_train_loader(_cfg(bank_path)).worker_init_fn is None  # in process
-    before = cv2.getNumThreads()
-    try:
-        data_mod.worker_init(0)
-        assert cv2.getNumThreads() == 1
-    finally:
-        cv2.setNumThreads(before)
+    assert loader.prefetch_factor == 2 and loader.persistent_workers
+    # No cv2.setNumThreads in forked workers: it deadlocked on the parent's OpenCV pool lock
+    # (seen in a fresh-clone run); crop decoding is single-threaded in OpenCV anyway.
+    assert loader.worker_init_fn is None

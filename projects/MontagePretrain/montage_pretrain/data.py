@@ -13,7 +13,6 @@ import logging
 import math
 import os
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -198,15 +197,6 @@ def collate_montages(items):
     return {"crops": out, "sizes": sizes, "labels": labels}
 
 
-def worker_init(worker_id):
-    """
-    ``worker_init_fn`` of the montage loader: one OpenCV thread per worker (each decode is one
-    small crop; N workers with a default pool each would oversubscribe the cores). torch
-    already runs its workers single-threaded.
-    """
-    cv2.setNumThreads(1)
-
-
 def build_montage_train_loader(cfg):
     """
     The training loader of this process: an endless iterator of collated batches.
@@ -238,7 +228,6 @@ def build_montage_train_loader(cfg):
         collate_fn=collate_montages,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
-        worker_init_fn=worker_init if workers > 0 else None,
         # Batches in flight per worker; 2 bounds the shared memory (/dev/shm) they occupy.
         prefetch_factor=2 if workers > 0 else None,
     )
