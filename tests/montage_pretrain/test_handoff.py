@@ -241,4 +241,7 @@ def test_finetune_config_loads(path):
         assert cfg.MODEL.RESNETS.NORM in ("GN", "BN", "SyncBN")
     else:
         assert cfg.MODEL.WEIGHTS.endswith("montage_backbone.pkl")
-        assert cfg.MODEL.RESNETS.NORM == "FrozenBN"
+        # the CPU toy config trains BN from the export (FrozenBN diverged after minutes of
+        # pre-training); full-scale configs freeze it as the paper
+        toy = "toy" in os.path.basename(path)
+        assert cfg.MODEL.RESNETS.NORM == ("BN" if toy else "FrozenBN")

@@ -169,6 +169,7 @@ def test_setup_checks_without_training(tiny_coco, tmp_path):
     assert (tmp_path / "scratch" / "config.yaml").is_file()
 
     args = finetune.parse_args(["--config-file", TOY_CONFIG, *base, "MODEL.WEIGHTS", "",
+                                "MODEL.RESNETS.NORM", "FrozenBN",
                                 "OUTPUT_DIR", str(tmp_path / "frozen")])
     with pytest.raises(ValueError, match="FrozenBN but MODEL.WEIGHTS is empty"):
         finetune.setup(args)
@@ -194,12 +195,12 @@ def test_builtin_coco_names_without_json_flags(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                DETECTRON2_DATASETS=str(tmp_path))
     cmd = [sys.executable, "-c", code, "--config-file", config, "OUTPUT_DIR", str(tmp_path / "o")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DATA ('coco_2017_train',) ('coco_2017_val',) 80" in proc.stdout
 
     env["DETECTRON2_DATASETS"] = str(tmp_path / "nowhere")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
     assert "instances_train2017.json, which is missing" in proc.stderr
     assert "$DETECTRON2_DATASETS/coco" in proc.stderr
