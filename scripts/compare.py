@@ -192,8 +192,8 @@ def _fmt(values):
         return "n/a"
     mean = statistics.mean(values)
     if len(values) == 1:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f}"
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
 
 
 def report(results, datasets, out, pre_iters, ft_iters):
@@ -216,7 +216,7 @@ def report(results, datasets, out, pre_iters, ft_iters):
                          _fmt([r["AP75"] for r in recs]),
                          f"{statistics.mean(r['pretrain_cpu_s'] for r in recs):.0f}",
                          f"{statistics.mean(r['finetune_cpu_s'] for r in recs):.0f}",
-                         " ".join(f"{a:.1f}" for a in ap)])
+                         " ".join(f"{a:.2f}" for a in ap)])
             bars.append((variant, ap))
         head = (f"{dname}: {d['note']}; pre-training {pre_iters} it, fine-tuning {ft_iters} it, "
                 f"mean ± std over seeds")
