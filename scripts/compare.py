@@ -13,7 +13,7 @@ over the same number of pixels), the same detector is fine-tuned with the same s
 for every seed and dataset; prints one table (mean and spread over seeds of AP, AP50, AP75,
 pre-training and fine-tuning CPU-seconds) and writes ``results.json``, ``table.md`` and
 ``compare_<dataset>.png`` under ``--out``. Finished runs are skipped, so an interrupted
-comparison continues where it stopped.
+comparison continues where it stopped; processes with different ``--seeds`` can share ``--out``.
 
     python scripts/compare.py --out output/compare              # full size
     python scripts/compare.py --out output/compare_quick --quick 1   # smoke size
@@ -131,8 +131,14 @@ def main(argv=None):
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
 
     def save():
-        with open(results_path, "w") as f:
-            json.dump(results, f, indent=1)
+        # Re-read first: several compare.py processes (e.g. one per --seeds) may share --out.
+        merged = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+        merged.update(results)
+        results.update(merged)
+        tmp = f"{results_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(merged, f, indent=1)
+        os.replace(tmp, results_path)
 
     for dname, d in datasets.items():
         bank = os.path.join(out, dname, "bank.h5")
@@ -182,6 +188,7 @@ def main(argv=None):
                 print(f"{key}: AP {rec['AP']:.2f} AP50 {rec['AP50']:.2f} "
                       f"(pre-train {rec['pretrain_cpu_s']:.0f} CPU-s, fine-tune {cpu:.0f} CPU-s)",
                       flush=True)
+    save()  # picks up what parallel processes finished
     report(results, datasets, out, pre_iters, ft_iters)
     return 0
 

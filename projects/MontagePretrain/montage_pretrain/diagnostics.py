@@ -1,0 +1,55 @@
+"""
+Health check of a pre-trained backbone before it is handed to a detector.
+
+A pre-training run can lower its loss while collapsing the backbone's features onto a few
+directions (too high a learning rate does it within ~100 iterations). Such a backbone fine-tunes
+worse than random init, and nothing in the pre-training loss shows it. The *participation
+ratio* of the channel covariance of each stage's output on detection images measures it:
+
+    PR = (sum_i lambda_i)^2 / sum_i lambda_i^2   (lambda: eigenvalues of the C x C covariance)
+
+PR = 1 when every channel is the same signal up to scale, PR = C when the C channels are
+uncorrelated with equal variance. A randomly initialised ResNet-18 scores ~13/64 at res2 and
+~77/512 at res5 on the toy dataset; a collapsed one 1-4 at every stage.
+"""
+import torch
+
+__all__ = ["participation_ratio", "stage_participation_ratios"]
+
+
+def participation_ratio(features):
+    """
+    Args:
+        features (Tensor): (N, C, H, W) activations; every (n, h, w) position is one sample.
+    Returns:
+        float in [1, C]: effective number of channel directions carrying the variance.
+    """
+    n, c, h, w = features.shape
+    z = features.detach().double().permute(1, 0, 2, 3).reshape(c, n * h * w)
+    z = z - z.mean(dim=1, keepdim=True)
+    cov = z @ z.T / max(1, z.shape[1] - 1)
+    ev = torch.linalg.eigvalsh(cov).clamp(min=0)
+    total = ev.sum()
+    if total <= 0:  # constant features: no direction carries any variance
+        return 0.0
+    return float(total ** 2 / (ev ** 2).sum())
+
+
+@torch.no_grad()
+def stage_participation_ratios(backbone, images, batch_stats=True):
+    """
+    Args:
+        backbone (Backbone): a Detectron2 backbone (e.g. ``model.backbone.bottom_up`` for FPN).
+        images (Tensor): (N, 3, H, W) images already normalised by the model's pixel mean/std.
+        batch_stats (bool): True runs BN in train mode (what fine-tuning with trainable BN sees),
+            False uses the stored running statistics (what FrozenBN sees).
+    Returns:
+        dict[str, float]: participation ratio of each output stage, in the backbone's order.
+    """
+    was_training = backbone.training
+    backbone.train(batch_stats)
+    try:
+        outputs = backbone(images)
+    finally:
+        backbone.train(was_training)
+    return {name: participation_ratio(outputs[name]) for name in backbone._out_features}
