@@ -22,12 +22,13 @@ def load(path):
 
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=os.path.basename)
-def test_pretrain_config_loads(path):
+def test_pretrain_config_loads(path, caplog):
     cfg = load(path)
     assert cfg.MODEL.META_ARCHITECTURE == "MontageClassifier"
     assert cfg.MODEL.WEIGHTS == ""  # from scratch, nothing downloaded
     cfg.MONTAGE.BANK = "bank.h5"
     assert_montage_cfg(cfg, world_size=1)
+    assert "BASE_LR" not in caplog.text  # every shipped LR is within 2x of the scaled paper LR
     assert cfg.MODEL.RESNETS.NORM != "SyncBN"  # fell back to BN on one process
 
 
@@ -79,3 +80,15 @@ def test_bad_config_gives_one_line_error(key, value, match):
     with pytest.raises(ValueError, match=match) as e:
         assert_montage_cfg(cfg, world_size=2)
     assert "\n" not in str(e.value)
+
+
+def test_lr_far_above_linear_scaling_warns(caplog):
+    cfg = load(os.path.join(PROJECT, "configs", "demo", "montage_R_18_toy.yaml"))
+    cfg.MONTAGE.BANK = "bank.h5"
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == pytest.approx(0.8 * 16 / 512)
+    assert_montage_cfg(cfg, world_size=1)
+    assert "BASE_LR" not in caplog.text
+    cfg.SOLVER.BASE_LR = 0.1  # 4x: the setting whose features collapsed
+    assert_montage_cfg(cfg, world_size=1)
+    lines = [r.getMessage() for r in caplog.records if "BASE_LR" in r.getMessage()]
+    assert len(lines) == 1 and "4.0x" in lines[0] and "\n" not in lines[0]

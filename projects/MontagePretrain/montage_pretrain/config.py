@@ -65,6 +65,10 @@ def add_montage_config(cfg):
     _C.MONTAGE.EXPORT_NAME = "montage_backbone.pkl"
 
 
+# SOLVER.BASE_LR per montage of the batch: the paper's 0.8 for 512 montages.
+PAPER_LR_PER_MONTAGE = 0.8 / 512
+
+
 def assert_montage_cfg(cfg, world_size=1):
     """
     Checks cross-key invariants of a Montage pre-training config and adapts it to the machine,
@@ -102,6 +106,15 @@ def assert_montage_cfg(cfg, world_size=1):
             f"SOLVER.WARMUP_ITERS={cfg.SOLVER.WARMUP_ITERS} must be below SOLVER.MAX_ITER="
             f"{cfg.SOLVER.MAX_ITER}: the cosine phase follows the warm-up"
         )
+    # The paper's 0.8 for 512 montages, scaled linearly. At 4x that (0.1 for 16 montages) the
+    # features collapsed within 100 iterations (scripts/feature_rank.py) and the export
+    # fine-tuned worse than random init, while the pre-training loss looked normal.
+    scaled = PAPER_LR_PER_MONTAGE * cfg.SOLVER.IMS_PER_BATCH
+    if cfg.SOLVER.BASE_LR > 2 * scaled:
+        logger.warning(
+            "SOLVER.BASE_LR=%g is %.1fx the paper's LR scaled to %d montages (%g); above 2x the "
+            "features may collapse: check the export with scripts/feature_rank.py or lower it",
+            cfg.SOLVER.BASE_LR, cfg.SOLVER.BASE_LR / scaled, cfg.SOLVER.IMS_PER_BATCH, scaled)
     if cfg.MODEL.RESNETS.NORM in ("SyncBN", "naiveSyncBN") and world_size == 1:
         logger.warning("MODEL.RESNETS.NORM=%s on one process: using plain BN", cfg.MODEL.RESNETS.NORM)
         cfg.MODEL.RESNETS.NORM = "BN"
