@@ -37,8 +37,13 @@ VARIANTS = ("scratch", "single", "global", "blockwise", "erf")
 COCO_TINY = os.path.join(ROOT, "..", "shared", "data", "coco_tiny")
 
 # iterations: (pre-training, fine-tuning); montages per pre-training step come from the config
-SIZES = {0: dict(pretrain_iters=200, finetune_iters=300, seeds=(0, 1)),
-         1: dict(pretrain_iters=12, finetune_iters=12, seeds=(0,))}
+# The full size is what projects/MontagePretrain/README.md reports (~2.5 h on 2 CPU cores with
+# two processes, one per seed). coco_tiny fine-tunes ~2x slower per iteration (larger images),
+# so it gets half the iterations and only the two rows that matter most (scratch, erf).
+SIZES = {0: dict(pretrain_iters=150, finetune_iters=dict(toy=200, coco_tiny=100), seeds=(0, 1),
+                 variants=dict(toy=VARIANTS, coco_tiny=("scratch", "erf"))),
+         1: dict(pretrain_iters=12, finetune_iters=dict(toy=12, coco_tiny=12), seeds=(0,),
+                 variants=dict(toy=VARIANTS, coco_tiny=VARIANTS))}
 # coco_tiny images are ~640x480: fine-tune at ~320 px so the CPU schedule stays short.
 COCO_INPUT = ["INPUT.MIN_SIZE_TRAIN", "(288, 320, 352)", "INPUT.MAX_SIZE_TRAIN", "533",
               "INPUT.MIN_SIZE_TEST", "320", "INPUT.MAX_SIZE_TEST", "533"]
@@ -112,7 +117,8 @@ def main(argv=None):
     parser.add_argument("--out", default="output/compare")
     parser.add_argument("--quick", type=int, default=0, help="1 = smoke size")
     parser.add_argument("--datasets", nargs="+", default=["toy", "coco_tiny"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                        help="default: all on toy, scratch and erf on coco_tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--coco-categories", type=int, default=10,
                         help="coco_tiny: keep the N most frequent categories")
@@ -122,7 +128,7 @@ def main(argv=None):
     size = dict(SIZES[args.quick])
     seeds = args.seeds or size["seeds"]
     pre_iters = args.pretrain_iters or size["pretrain_iters"]
-    ft_iters = args.finetune_iters or size["finetune_iters"]
+    ft_sizes = {d: args.finetune_iters or n for d, n in size["finetune_iters"].items()}
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     py = sys.executable
@@ -131,14 +137,7 @@ def main(argv=None):
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
 
     def save():
-        # Re-read first: several compare.py processes (e.g. one per --seeds) may share --out.
-        merged = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-        merged.update(results)
-        results.update(merged)
-        tmp = f"{results_path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(merged, f, indent=1)
-        os.replace(tmp, results_path)
+        results.update(merge_save(results_path, results))
 
     for dname, d in datasets.items():
         bank = os.path.join(out, dname, "bank.h5")
@@ -148,11 +147,12 @@ def main(argv=None):
                  d["train_images"], "--out", bank, "--seed", "0", "--overwrite"],
                 os.path.join(out, dname, "bank.log"))
         extra = COCO_INPUT if dname == "coco_tiny" else []
+        ft_iters = ft_sizes[dname]
         for seed in seeds:
-            for variant in args.variants:
+            for variant in args.variants or size["variants"][dname]:
                 key = f"{dname}/{variant}/seed{seed}"
-                if key in results:
-                    continue
+                if _same_size(results.get(key), pre_iters if variant != "scratch" else 0, ft_iters):
+                    continue  # finished earlier at this size
                 run_dir = os.path.join(out, dname, variant, f"seed{seed}")
                 os.makedirs(run_dir, exist_ok=True)
                 rec = dict(dataset=dname, variant=variant, seed=seed, pretrain_cpu_s=0.0,
@@ -189,8 +189,31 @@ def main(argv=None):
                       f"(pre-train {rec['pretrain_cpu_s']:.0f} CPU-s, fine-tune {cpu:.0f} CPU-s)",
                       flush=True)
     save()  # picks up what parallel processes finished
-    report(results, datasets, out, pre_iters, ft_iters)
+    report(results, datasets, out, pre_iters, ft_sizes)
     return 0
+
+
+def merge_save(path, results):
+    """
+    Writes ``results`` merged into what ``path`` holds now and returns the merged dict: several
+    compare.py processes (e.g. one per --seeds) may share --out. Written via a temporary file and
+    os.replace, so a reader never sees half a file.
+    """
+    merged = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            merged = json.load(f)
+    merged.update(results)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(merged, f, indent=1)
+    os.replace(tmp, path)
+    return merged
+
+
+def _same_size(rec, pre_iters, ft_iters):
+    """True when ``rec`` is a finished run with these pre-training / fine-tuning lengths."""
+    return bool(rec) and rec["pretrain_iters"] == pre_iters and rec["finetune_iters"] == ft_iters
 
 
 def _fmt(values):
@@ -203,7 +226,7 @@ def _fmt(values):
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
 
 
-def report(results, datasets, out, pre_iters, ft_iters):
+def report(results, datasets, out, pre_iters, ft_sizes):
     """Prints and writes the table (mean ± std over seeds) and one bar chart per dataset."""
     import matplotlib
 
@@ -213,9 +236,11 @@ def report(results, datasets, out, pre_iters, ft_iters):
 
     lines = []
     for dname, d in datasets.items():
-        rows, bars = [], []
+        rows, bars, ft_iters = [], [], ft_sizes[dname]
         for variant in VARIANTS:
-            recs = [r for r in results.values() if r["dataset"] == dname and r["variant"] == variant]
+            recs = [r for r in results.values() if r["dataset"] == dname
+                    and r["variant"] == variant and _same_size(
+                        r, pre_iters if variant != "scratch" else 0, ft_iters)]
             if not recs:
                 continue
             ap = [r["AP"] for r in recs]
