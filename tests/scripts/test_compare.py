@@ -61,3 +61,13 @@ def test_merge_save_keeps_runs_of_a_parallel_process(compare, tmp_path):
         on_disk = json.load(f)
     assert set(on_disk) == set(merged) == {"toy/erf/seed0", "toy/erf/seed1"}
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+def test_steps_import_the_checkout_without_pythonpath(compare, tmp_path, monkeypatch):
+    # `python scripts/compare.py` from a plain shell: its train_net/finetune steps must still
+    # import builder/ and montage_pretrain/ (a missing PYTHONPATH once failed every pre-training).
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    import sys
+    log = tmp_path / "step.log"
+    compare.run([sys.executable, "-c", "import builder.schema, montage_pretrain.losses"], str(log))
+    assert "Error" not in log.read_text()
