@@ -15,6 +15,11 @@ import os
 import statistics
 import subprocess
 import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (_ROOT, os.path.join(_ROOT, "projects", "MontagePretrain")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 import tempfile
 import time
 

@@ -13,6 +13,11 @@ import argparse
 import os
 import sys
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (_ROOT, os.path.join(_ROOT, "projects", "MontagePretrain")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
 import matplotlib
 
 matplotlib.use("Agg")

@@ -19,7 +19,11 @@ from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# montage_pretrain lives next to this file; builder/ (the bank format) at the repository root.
+_PROJECT = os.path.dirname(os.path.abspath(__file__))
+for _p in (_PROJECT, os.path.dirname(os.path.dirname(_PROJECT))):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 from montage_pretrain import (  # noqa: E402
     ERFRefreshHook,
     ExportHook,
