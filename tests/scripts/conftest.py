@@ -1,4 +1,5 @@
 """Fixtures shared by the script tests."""
+import importlib.util
 import os
 import sys
 
@@ -7,6 +8,22 @@ import torch
 from torch import nn
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("finetune")`` imports scripts/finetune.py as a module (once per session)."""
+    cache = {}
+
+    def load(name):
+        if name not in cache:
+            spec = importlib.util.spec_from_file_location(
+                f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
+            cache[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(cache[name])
+        return cache[name]
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,13 @@
 """scripts/compare.py bookkeeping: the table's mean ± std over seeds, size filtering, merging."""
-import importlib.util
 import json
 import os
 
 import pytest
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
 
 @pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location("compare_script",
-                                                  os.path.join(ROOT, "scripts", "compare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def compare(load_script):
+    return load_script("compare")
 
 
 def rec(variant, seed, ap, pre=150, ft=200):

@@ -1,5 +1,4 @@
 """scripts/finetune.py end to end on a tiny COCO dataset written here, from a random R-18 export."""
-import importlib.util
 import json
 import math
 import os
@@ -117,17 +116,9 @@ def test_finetune_refuses_mismatched_pixel_format(tiny_coco, r18_export, tmp_pat
     assert not (tmp_path / "metrics_final.json").exists()
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("finetune_script",
-                                                  os.path.join(ROOT, "scripts", "finetune.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_setup_checks_without_training(tiny_coco, tmp_path):
+def test_setup_checks_without_training(tiny_coco, tmp_path, load_script):
     """Scratch config sets up (GN, classes from data); FrozenBN without weights is refused."""
-    finetune = load_script()
+    finetune = load_script("finetune")
     (train_json, train_images), (val_json, val_images) = tiny_coco
     base = ["--train-json", train_json, "--train-images", train_images,
             "--val-json", val_json, "--val-images", val_images, "--dataset-name", "tiny_setup"]
