@@ -37,9 +37,10 @@ VARIANTS = ("scratch", "single", "global", "blockwise", "erf")
 COCO_TINY = os.path.join(ROOT, "..", "shared", "data", "coco_tiny")
 
 # iterations: (pre-training, fine-tuning); montages per pre-training step come from the config
-# The full size is what projects/MontagePretrain/README.md reports (~2.5 h on 2 CPU cores with
-# two processes, one per seed). coco_tiny fine-tunes ~2x slower per iteration (larger images),
-# so it gets half the iterations and only the two rows that matter most (scratch, erf).
+# The full size is what projects/MontagePretrain/README.md reports (measured: ~80 min for toy
+# plus ~35 min for coco_tiny on 2 CPU cores, two processes, one per seed). coco_tiny fine-tunes
+# ~2x slower per iteration (larger images), so it gets half the iterations and only the two
+# rows that matter most (scratch, erf).
 SIZES = {0: dict(pretrain_iters=150, finetune_iters=dict(toy=200, coco_tiny=100), seeds=(0, 1),
                  variants=dict(toy=VARIANTS, coco_tiny=("scratch", "erf"))),
          1: dict(pretrain_iters=12, finetune_iters=dict(toy=12, coco_tiny=12), seeds=(0,),
