@@ -5,7 +5,6 @@ SHELL := /bin/bash
 
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
-export PYTHONPATH := $(CURDIR):$(CURDIR)/projects/MontagePretrain:$(PYTHONPATH)
 
 # --- data -------------------------------------------------------------------------------------
 DATA_ROOT   ?= datasets/toy#                        built-in toy dataset (make toy writes it)
@@ -37,7 +36,7 @@ help: ## list targets and variables
 	@grep -E '^[A-Z_]+ *\?=' $(MAKEFILE_LIST) | sed -E 's/ *\?= */ = /; s/ *# */    # /' | sed 's/^/  /'
 
 setup: $(VENV)/.ready ## create the Python 3.11 venv with torch, Detectron2 and the rest
-$(VENV)/.ready: requirements.txt scripts/setup_env.sh scripts/install_detectron2.sh
+$(VENV)/.ready: requirements.txt pyproject.toml scripts/setup_env.sh scripts/install_detectron2.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
 
 test: setup ## run the whole test suite (CPU only)

@@ -37,7 +37,7 @@ from . import __version__
 from .coco import load_coco
 from .extract import ExtractOptions, ImageTask, extract_image
 from .sampling import KEEP, SKIP_REASONS, allocate_negatives, allocate_shortfall, classify_boxes
-from .schema import GROUPS
+from .bank import GROUPS
 from .writer import BankWriter
 
 __all__ = ["BuildError", "BuildOptions", "ProblemLog", "build_bank"]
@@ -289,7 +289,7 @@ def _counts(dataset, options, tally, problems, num_planned, planned_pos, num_mis
 
 def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
     """
-    Builds the HDF5 sample bank ``out_path`` (format: :mod:`builder.schema`).
+    Builds the HDF5 sample bank ``out_path`` (format: :mod:`builder.bank`).
 
     Args:
         annotations (str): COCO instances json.

@@ -18,7 +18,7 @@ import sys
 from .build import BuildError, BuildOptions, build_bank
 from .coco import CocoFormatError
 from .info import format_summary, ratio_text, summarize_bank
-from .schema import BankFormatError
+from .bank import BankFormatError
 from .show import write_grid
 
 __all__ = ["parse_args", "main"]

@@ -20,7 +20,7 @@ from .sampling import (
     sample_negatives,
     snap_size,
 )
-from .schema import group_of
+from .bank import group_of
 
 __all__ = [
     "ExtractOptions",

@@ -6,30 +6,15 @@ build's own report (``build_args``, ``counts``).
 import json
 import os
 
-import h5py
 import numpy as np
 
-from .schema import GROUPS, check_bank
+from .bank import GROUPS, SampleBank
 
 __all__ = ["summarize_bank", "format_summary", "SIZE_BINS"]
 
 # Histogram bins over the stored crop's longer side, in pixels: (..16], (16..32], ..., (512..).
 # Upper edges are inclusive so crops downscaled to exactly --max-side 256 land in "<=256".
 SIZE_BINS = (16, 32, 64, 128, 256, 512)
-
-
-def _attr(h5, key, default=None):
-    value = h5.attrs.get(key, default)
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value
-
-
-def _json_attr(h5, key, default):
-    value = _attr(h5, key)
-    return default if value is None else json.loads(value)
 
 
 def summarize_bank(path):
@@ -45,19 +30,17 @@ def summarize_bank(path):
         last), ``size_hist`` ({group: counts per SIZE_BINS bin}), and the file's attributes.
 
     Raises:
-        builder.schema.BankFormatError: not a sample bank.
+        builder.bank.BankFormatError: not a sample bank.
     """
-    with h5py.File(path, "r") as h5:
-        check_bank(h5, path)
-        label = h5["label"][...]
-        group = h5["group"][...]
-        size = h5["size"][...]
-        num_classes = int(_attr(h5, "num_classes"))
-        names = _json_attr(h5, "category_names", [str(i) for i in range(num_classes)])
-        ids = _json_attr(h5, "category_ids", list(range(num_classes)))
-        attrs = {k: _attr(h5, k) for k in ("encoding", "seed", "tool_version", "created")}
-        build_args = _json_attr(h5, "build_args", {})
-        counts = _json_attr(h5, "counts", {})
+    bank = SampleBank(path)
+    try:
+        label, group, size = bank.labels, bank.groups, bank.sizes
+        num_classes, names, ids = bank.num_classes, bank.category_names, bank.category_ids
+        attrs = {k: bank.attrs.get(k) for k in ("encoding", "seed", "tool_version", "created")}
+        build_args = bank.attrs.get("build_args") or {}
+        counts = bank.attrs.get("counts") or {}
+    finally:
+        bank.close()
     is_neg = label == num_classes
     per_class = np.bincount(label, minlength=num_classes + 1)
     longer = size.max(axis=1) if len(size) else np.zeros(0, dtype=np.int64)

@@ -3,14 +3,12 @@ Writes a PNG contact sheet of random crops from a bank: one row per group (S, T,
 letterboxed into a square cell and labelled with its class and stored size.
 """
 
-import json
 import logging
 
 import cv2
-import h5py
 import numpy as np
 
-from .schema import GROUPS, check_bank
+from .bank import GROUPS, SampleBank
 
 __all__ = ["write_grid"]
 
@@ -71,22 +69,21 @@ def write_grid(bank_path, out_path, per_group=8, cell=128, seed=0, negatives=2):
     """
     rng = np.random.default_rng(seed)
     rows = []
-    with h5py.File(bank_path, "r") as h5:
-        check_bank(h5, bank_path)
-        num_classes = int(h5.attrs["num_classes"])
-        names = json.loads(h5.attrs["category_names"]) + ["background"]
-        labels = h5["label"][...]
-        for g in GROUPS:
-            index = h5[f"index/{g}"][...]
+    bank = SampleBank(bank_path)
+    try:
+        num_classes = bank.num_classes
+        names = bank.category_names + ["background"]
+        labels, sizes = bank.labels, bank.sizes
+        for gid, g in enumerate(GROUPS):
+            index = bank.group_indices(gid)
             pick = _pick(index, labels, num_classes, per_group, negatives, rng)
             row = np.full((cell, _HEADER_W + per_group * cell, 3), _BG, dtype=np.uint8)
             _put_label(row, g, (10, cell // 2), scale=0.9)
             _put_label(row, f"n={len(index)}", (4, cell // 2 + 22), scale=0.35)
             for j, i in enumerate(pick):
-                crop = cv2.imdecode(np.asarray(h5["crops"][i], dtype=np.uint8), cv2.IMREAD_COLOR)
-                tile = _fit(crop, cell)
+                tile = _fit(cv2.cvtColor(bank.decode(i), cv2.COLOR_RGB2BGR), cell)  # imwrite: BGR
                 label = int(labels[i])
-                h, w = (int(v) for v in h5["size"][i])
+                h, w = (int(v) for v in sizes[i])
                 _put_label(tile, names[label][:16] if label <= num_classes else str(label), (2, 12))
                 _put_label(tile, f"{w}x{h}", (2, cell - 4))
                 cv2.rectangle(tile, (0, 0), (cell - 1, cell - 1), (90, 90, 90), 1)
@@ -94,6 +91,8 @@ def write_grid(bank_path, out_path, per_group=8, cell=128, seed=0, negatives=2):
             if not len(pick):
                 _put_label(row, "(empty group)", (_HEADER_W + 8, cell // 2))
             rows.append(row)
+    finally:
+        bank.close()
     grid = np.concatenate(rows, axis=0)
     if not cv2.imwrite(out_path, grid):
         raise OSError(f"{out_path}: cannot write PNG (check the directory and the .png suffix)")

@@ -1,11 +1,11 @@
 """
-Writes a sample bank (format: :mod:`builder.schema`) incrementally and atomically.
+Writes a sample bank (format: :mod:`builder.bank`) incrementally and atomically.
 
 Rows go to resizable, chunked datasets in batches, so memory stays bounded by one batch however
 large the dataset (full COCO is ~1M crops). Everything is written to ``OUT.tmp-<pid>`` next to
 the output and renamed with ``os.replace`` only after the index and attributes are complete; the
 ``format`` attribute is the last thing written, so a killed build leaves at most a temp file
-that :func:`builder.schema.check_bank` rejects, never a file that looks valid.
+that :func:`builder.bank.check_bank` rejects, never a file that looks valid.
 """
 
 import datetime
@@ -16,7 +16,7 @@ import os
 import h5py
 import numpy as np
 
-from .schema import FORMAT_NAME, FORMAT_VERSION, GROUPS
+from .bank import FORMAT_NAME, FORMAT_VERSION, GROUPS
 
 __all__ = ["BankWriter", "temp_path_for"]
 

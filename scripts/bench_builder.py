@@ -25,11 +25,10 @@ import time
 
 import cv2
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from builder.build import BuildOptions, _init_worker, build_bank  # noqa: E402
-from builder.coco import load_coco  # noqa: E402
-from builder.testing import write_synthetic_coco  # noqa: E402
+from builder.build import BuildOptions, _init_worker, build_bank
+from builder.coco import load_coco
+from builder.testing import write_synthetic_coco
 
 # COCO train2017 (instances_train2017.json).
 COCO_IMAGES, COCO_BOXES = 118287, 860001

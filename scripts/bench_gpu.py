@@ -51,28 +51,25 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (ROOT, os.path.join(ROOT, "projects", "MontagePretrain")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tabulate import tabulate  # noqa: E402
+import numpy as np
+import torch
+from tabulate import tabulate
 
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import AMPTrainer, SimpleTrainer  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.solver import build_optimizer  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
+from detectron2.config import get_cfg
+from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.utils.events import EventStorage
 
-from montage_pretrain import add_montage_config, assert_montage_cfg  # noqa: E402
-from montage_pretrain.bank import SampleBank  # noqa: E402
-from montage_pretrain.data import (  # noqa: E402
+from montage_pretrain import add_montage_config, assert_montage_cfg
+from builder.bank import SampleBank
+from montage_pretrain.data import (
     MontageStream,
     build_montage_train_loader,
     collate_montages,
 )
-from montage_pretrain.losses import (  # noqa: E402
+from montage_pretrain.losses import (
     blockwise_loss,
     erf_dense_loss,
     global_loss,

@@ -16,10 +16,6 @@ import statistics
 import subprocess
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (_ROOT, os.path.join(_ROOT, "projects", "MontagePretrain")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 import tempfile
 import time
 
@@ -31,7 +27,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from montage_pretrain import add_montage_config, assert_montage_cfg, collate_montages
-from montage_pretrain.bank import SampleBank
+from builder.bank import SampleBank
 from montage_pretrain.data import MontageStream, build_montage_train_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

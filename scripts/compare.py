@@ -54,12 +54,8 @@ def run(cmd, log_path):
     """Runs ``cmd`` with its output in ``log_path``; returns (wall s, CPU s of it and its children)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
-    # The steps import builder/ and montage_pretrain/ from this checkout, whatever PYTHONPATH
-    # the caller had (make sets it, a plain `python scripts/compare.py` does not).
-    path = [ROOT, PROJECT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n  see {log_path}")

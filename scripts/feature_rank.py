@@ -17,22 +17,19 @@ import logging
 import os
 import sys
 
+
+import cv2
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from montage_pretrain.diagnostics import stage_participation_ratios
+from montage_pretrain.handoff import load_and_verify, merge_config_file
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (_ROOT, os.path.join(_ROOT, "projects", "MontagePretrain")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tabulate import tabulate  # noqa: E402
-
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-from montage_pretrain.diagnostics import stage_participation_ratios  # noqa: E402
-from montage_pretrain.handoff import load_and_verify, merge_config_file  # noqa: E402
-
 DEFAULT_CONFIG = os.path.join(_ROOT, "projects/MontagePretrain/configs/finetune/demo/"
                                      "faster_rcnn_R_18_FPN_toy.yaml")
 

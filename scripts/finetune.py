@@ -29,32 +29,27 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (_ROOT, os.path.join(_ROOT, "projects", "MontagePretrain")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
-import torch  # noqa: E402
-from tabulate import tabulate  # noqa: E402
+import torch
+from tabulate import tabulate
 
-import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.engine import (  # noqa: E402
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import (
     DefaultTrainer,
     default_argument_parser,
     default_setup,
     launch,
 )
-from detectron2.evaluation import COCOEvaluator  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils.logger import setup_logger
 
-from montage_pretrain.config import add_montage_config  # noqa: E402
-from montage_pretrain.handoff import (  # noqa: E402
+from montage_pretrain.config import add_montage_config
+from montage_pretrain.handoff import (
     check_pixel_format,
     load_and_verify,
     merge_config_file,

@@ -40,7 +40,7 @@ What is drawn:
 
   The squareish categories get a lognormal aspect jitter, so a few of their boxes fall into T or
   W as well (and small rotations move a few tall/wide boxes into S).  Aspect groups follow
-  ``builder.schema.group_of``: S = 0.5 <= w/h <= 1.5, T = w/h < 0.5, W = w/h > 1.5.  The
+  ``builder.bank.group_of``: S = 0.5 <= w/h <= 1.5, T = w/h < 0.5, W = w/h > 1.5.  The
   categories are dealt from shuffled decks, so each split is balanced across categories, and
   the boxes split about S 55 % / T 19 % / W 26 % (the summary prints the actual shares).
 * 2..6 objects per image; box sides about 14..160 px (long side 26..100 px for squareish
@@ -65,7 +65,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -73,15 +72,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-try:  # the project's single definition of the aspect groups
-    from builder.schema import group_of as _group_of
-except Exception:  # pragma: no cover - fallback keeps the script standalone
-    _group_of = None
+from builder.bank import GROUPS, group_of as _group_of  # the project's one definition
 
-GROUP_NAMES = ("S", "T", "W")
+
 DEFAULT_NUM_TRAIN = 240
 DEFAULT_NUM_VAL = 60
 DEFAULT_SIZE = (256, 192)  # W H
@@ -116,10 +109,8 @@ CROWD_CATEGORIES = ("star", "ring", "cross", "triangle", "hexagon")
 
 
 def group_of(w, h):
-    if _group_of is not None:
-        return GROUP_NAMES[_group_of(w, h)]
-    a = float(w) / float(h)
-    return "T" if a < 0.5 else ("W" if a > 1.5 else "S")
+    """Group name ("S", "T" or "W") of a w x h box, by the bank's rule."""
+    return GROUPS[_group_of(w, h)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,7 +493,7 @@ def summarize(split, coco):
         f"crowd regions {len(anns) - len(boxes)}  "
         f"boxes/image {len(boxes) / max(len(coco['images']), 1):.2f}",
         "  groups  " + "  ".join(f"{g} {groups[g]} ({100.0 * groups[g] / nb:.1f}%)"
-                                 for g in GROUP_NAMES),
+                                 for g in GROUPS),
         "  per category  " + "  ".join(f"{names[c['id']]}({c['id']}) {per_cat[c['name']]}"
                                        for c in coco["categories"]),
     ]

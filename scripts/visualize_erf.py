@@ -13,22 +13,18 @@ import argparse
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (_ROOT, os.path.join(_ROOT, "projects", "MontagePretrain")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 
-from montage_pretrain import MontageStream, add_montage_config, collate_montages  # noqa: E402
+from montage_pretrain import MontageStream, add_montage_config, collate_montages
 
 REGIONS = ("TL (small S)", "TR (W)", "BL (T)", "BR (large S)")
 

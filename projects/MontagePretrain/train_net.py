@@ -10,7 +10,6 @@ At the end of training the backbone is exported to ``OUTPUT_DIR/MONTAGE.EXPORT_N
 ``MODEL.WEIGHTS`` of stock Detectron2 detection configs.
 """
 import os
-import sys
 
 import torch
 
@@ -19,12 +18,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils.logger import setup_logger
 
-# montage_pretrain lives next to this file; builder/ (the bank format) at the repository root.
-_PROJECT = os.path.dirname(os.path.abspath(__file__))
-for _p in (_PROJECT, os.path.dirname(os.path.dirname(_PROJECT))):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-from montage_pretrain import (  # noqa: E402
+from montage_pretrain import (
     ERFRefreshHook,
     ExportHook,
     add_montage_config,

@@ -3,11 +3,10 @@ Shared helpers for the builder tests: tiny synthetic COCO datasets and bank read
 (A plain module, not conftest.py, so test files can import it by a name unique in the repo.)
 """
 
-import json
 
-import h5py
 import numpy as np
 
+from builder.bank import SampleBank
 from builder.cli import main
 from builder.testing import write_coco, write_synthetic_coco
 
@@ -55,13 +54,14 @@ def build(json_path, img_dir, out, *extra):
 
 def read_bank(path):
     """Returns every dataset of a bank as numpy arrays (crops as a list of bytes) plus attrs."""
-    with h5py.File(path, "r") as h5:
-        out = {k: h5[k][...] for k in ("label", "group", "size", "image_id", "box", "crop_box")}
-        out["crops"] = [bytes(c) for c in h5["crops"][...]]
-        for g in ("S", "T", "W"):
-            out[f"index/{g}"] = h5[f"index/{g}"][...]
-        out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5.attrs.items()}
-    out["counts"] = json.loads(out["attrs"]["counts"])
+    bank = SampleBank(path)
+    try:
+        out = {k: bank.read(k) for k in ("label", "group", "size", "image_id", "box", "crop_box",
+                                         "crops", "index/S", "index/T", "index/W")}
+        out["attrs"] = bank.attrs
+    finally:
+        bank.close()
+    out["counts"] = out["attrs"]["counts"]
     return out
 
 

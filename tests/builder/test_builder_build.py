@@ -8,7 +8,7 @@ import numpy as np
 
 from bank_helpers import assert_same_content, build, make_dataset, read_bank, synthetic
 from builder.sampling import intersection_areas
-from builder.schema import GROUP_S, GROUP_T, GROUP_W
+from builder.bank import GROUP_S, GROUP_T, GROUP_W
 
 
 def _boxes_of(json_path):
@@ -28,7 +28,7 @@ def test_bank_layout_and_negative_rules(tmp_path):
     bank = read_bank(out)
     c = bank["counts"]
     num_classes = bank["attrs"]["num_classes"]
-    assert num_classes == 3 and json.loads(bank["attrs"]["category_ids"]) == [1, 3, 5]
+    assert num_classes == 3 and bank["attrs"]["category_ids"] == [1, 3, 5]
     neg = bank["label"] == num_classes
     pos_n, neg_n = int((~neg).sum()), int(neg.sum())
     # 10:1 over the bank, exactly up to rounding.
@@ -55,7 +55,7 @@ def test_bank_layout_and_negative_rules(tmp_path):
         img = cv2.imdecode(np.frombuffer(bank["crops"][i], np.uint8), cv2.IMREAD_COLOR)
         assert img.shape[:2] == tuple(bank["size"][i])
     assert bank["size"].max() <= 256
-    assert json.loads(bank["attrs"]["build_args"])["seed"] == 3
+    assert bank["attrs"]["build_args"]["seed"] == 3
     # Rows are in image order.
     assert np.all(np.diff(bank["image_id"][~neg]) >= 0)
 
@@ -187,7 +187,7 @@ def test_no_overwrite_and_atomic_output(tmp_path, capsys, monkeypatch):
 def test_writer_handles_single_and_equal_length_crops(tmp_path):
     import h5py
 
-    from builder.schema import check_bank
+    from builder.bank import check_bank
     from builder.writer import BankWriter
 
     for crops in ([b"abc"], [b"abc", b"xyz"], [b"a", b"bc", b"def"]):
@@ -215,7 +215,7 @@ def test_killed_build_leaves_no_valid_file(tmp_path):
     import h5py
     import pytest
 
-    from builder.schema import BankFormatError, check_bank
+    from builder.bank import BankFormatError, check_bank
     from builder.writer import BankWriter
 
     out = str(tmp_path / "b.h5")
@@ -238,7 +238,7 @@ def test_killed_build_leaves_no_valid_file(tmp_path):
 
 
 def test_stored_group_matches_stored_size(tmp_path):
-    from builder.schema import group_of
+    from builder.bank import group_of
 
     json_path, img_dir = synthetic(tmp_path, num_images=6)
     out = tmp_path / "b.h5"

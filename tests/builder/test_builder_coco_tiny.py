@@ -43,7 +43,7 @@ def test_build_and_info_on_coco_tiny(tmp_path, capsys):
     # Every annotation is either a positive or skipped for a counted reason.
     assert pos == ann["total"] - sum(ann["skipped"].values())
     bank = read_bank(out)
-    assert json.loads(bank["attrs"]["category_names"])[0] == "person"
+    assert bank["attrs"]["category_names"][0] == "person"
     assert bank["attrs"]["num_classes"] == 80
     for g in "STW":
         assert len(bank[f"index/{g}"]) > 0

@@ -17,7 +17,7 @@ from builder.sampling import (
     sample_negatives,
     snap_size,
 )
-from builder.schema import GROUP_S, GROUP_T, GROUP_W, group_of
+from builder.bank import GROUP_S, GROUP_T, GROUP_W, group_of
 
 
 def _random_boxes(rng, n, width, height, margin=0):

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from montage_pretrain import data as data_mod
-from montage_pretrain.bank import SampleBank
+from builder.bank import SampleBank
 from montage_pretrain.data import MontageStream, build_montage_train_loader, collate_montages
 
 pytestmark = pytest.mark.usefixtures("few_threads")

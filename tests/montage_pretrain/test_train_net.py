@@ -2,11 +2,10 @@
 import os
 import pickle
 
+import pytest
 import torch
 
 from detectron2.engine import default_argument_parser
-
-import train_net
 
 TINY = [
     "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
@@ -15,18 +14,24 @@ TINY = [
     "MONTAGE.ERF_PERIOD", "3", "MONTAGE.ERF_NUM_IMAGES", "2", "DATALOADER.NUM_WORKERS", "0",
     "MODEL.DEVICE", "cpu", "SEED", "1",
 ]
-CONFIG = os.path.join(os.path.dirname(train_net.__file__), "configs", "Base-Montage.yaml")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "projects", "MontagePretrain", "configs",
+                      "Base-Montage.yaml")
 
 
-def run(bank, out, resume=False, extra=()):
+@pytest.fixture(scope="module")
+def train_net(load_module):
+    return load_module("projects/MontagePretrain/train_net.py")
+
+
+def run(train_net, bank, out, resume=False, extra=()):
     argv = ["--config-file", CONFIG] + (["--resume"] if resume else [])
     argv += ["MONTAGE.BANK", bank, "OUTPUT_DIR", str(out)] + TINY + list(extra)
     return train_net.main(default_argument_parser().parse_args(argv))
 
 
-def test_pretrain_end_to_end_then_resume(bank_path, tmp_path):
+def test_pretrain_end_to_end_then_resume(train_net, bank_path, tmp_path):
     out = tmp_path / "run"
-    run(bank_path, out)
+    run(train_net, bank_path, out)
     files = set(os.listdir(out))
     assert {"model_final.pth", "model_0000002.pth", "config.yaml", "metrics.json",
             "montage_backbone.pkl", "montage_backbone.pkl.yaml"} <= files

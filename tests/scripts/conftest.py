@@ -1,7 +1,5 @@
 """Fixtures shared by the script tests."""
-import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -11,25 +9,13 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 @pytest.fixture(scope="session")
-def load_script():
-    """``load_script("finetune")`` imports scripts/finetune.py as a module (once per session)."""
-    cache = {}
-
-    def load(name):
-        if name not in cache:
-            spec = importlib.util.spec_from_file_location(
-                f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
-            cache[name] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(cache[name])
-        return cache[name]
-
-    return load
+def load_script(load_module):
+    """``load_script("compare")`` imports scripts/compare.py as a module (once per session)."""
+    return lambda name: load_module(f"scripts/{name}.py")
 
 
 @pytest.fixture(scope="session")
 def r18_export(tmp_path_factory):
-    sys.path[:0] = [p for p in (ROOT, os.path.join(ROOT, "projects", "MontagePretrain"))
-                    if p not in sys.path]
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import build_resnet_backbone

@@ -26,17 +26,14 @@ def bench():
 def tiny_bank(tmp_path_factory):
     """A bank of the built-in toy dataset, 8 images (about 30 crops), built with the real CLI."""
     tmp = tmp_path_factory.mktemp("bench_gpu_bank")
-    path = [ROOT, os.path.join(ROOT, "projects", "MontagePretrain"),
-            os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_toy_coco.py"), "--out",
                     str(tmp / "toy"), "--num-train", "8", "--num-val", "0"],
-                   check=True, cwd=ROOT, env=env, capture_output=True)
+                   check=True, cwd=ROOT, capture_output=True)
     bank = tmp / "bank.h5"
     subprocess.run([sys.executable, "-m", "builder", "build", "--annotations",
                     str(tmp / "toy" / "annotations" / "instances_train.json"), "--images",
                     str(tmp / "toy" / "train"), "--out", str(bank)],
-                   check=True, cwd=ROOT, env=env, capture_output=True)
+                   check=True, cwd=ROOT, capture_output=True)
     return str(bank)
 
 

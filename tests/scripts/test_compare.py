@@ -62,5 +62,5 @@ def test_steps_import_the_checkout_without_pythonpath(compare, tmp_path, monkeyp
     monkeypatch.delenv("PYTHONPATH", raising=False)
     import sys
     log = tmp_path / "step.log"
-    compare.run([sys.executable, "-c", "import builder.schema, montage_pretrain.losses"], str(log))
+    compare.run([sys.executable, "-c", "import builder.bank, montage_pretrain.losses"], str(log))
     assert "Error" not in log.read_text()

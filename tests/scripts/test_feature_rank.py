@@ -29,8 +29,7 @@ def test_feature_rank_flags_collapsed_export(r18_export, tmp_path):
         cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 255, (80, 120, 3), np.uint8))
     collapsed = str(tmp_path / "collapsed.pkl")
     collapse(r18_export, collapsed)
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "projects", "MontagePretrain")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "scripts/feature_rank.py", "--images", str(images), "--size", "64",
            "--weights", r18_export, "--weights", collapsed, "MODEL.ROI_HEADS.NUM_CLASSES", "3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -44,10 +43,8 @@ def test_feature_rank_flags_collapsed_export(r18_export, tmp_path):
 
 
 def test_feature_rank_missing_images_is_one_line(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [ROOT, os.path.join(ROOT, "projects", "MontagePretrain")]))
     proc = subprocess.run([sys.executable, "scripts/feature_rank.py", "--images",
-                           str(tmp_path / "nowhere")], cwd=ROOT, env=env, capture_output=True,
+                           str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0
     assert "no .jpg/.png images found" in proc.stderr.strip().splitlines()[-1]

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from builder.schema import GROUP_S, GROUP_T, GROUP_W, GROUPS
+from builder.bank import GROUP_S, GROUP_T, GROUP_W, GROUPS
 from detectron2.utils import comm
 
-from .bank import SampleBank
+from builder.bank import SampleBank
 
 __all__ = ["MontageStream", "collate_montages", "build_montage_train_loader", "FALLBACKS"]
 

@@ -9,7 +9,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.utils.events import get_event_storage
 
-from .bank import SampleBank
+from builder.bank import SampleBank
 from .erf import compute_erf_maps, erf_region_weights, erf_weight_map
 from .losses import blockwise_loss, blockwise_weights, erf_dense_loss, global_loss, single_loss
 from .montage import MontageTemplate, assemble_montages, assemble_single

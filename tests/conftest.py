@@ -1,13 +1,36 @@
-"""Fixtures of the montage_pretrain tests: a tiny synthetic sample bank (builder/schema.py)."""
-import json
+"""Fixtures shared by every test folder: loading entry-point files, a tiny synthetic bank."""
+import importlib.util
+import os
 
 import cv2
-import h5py
 import numpy as np
 import pytest
 import torch
 
-from builder.schema import FORMAT_NAME, FORMAT_VERSION, GROUPS, group_of
+from builder.bank import group_of
+from builder.writer import BankWriter
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+@pytest.fixture(scope="session")
+def load_module():
+    """
+    ``load_module("projects/MontagePretrain/train_net.py")`` imports a file of the checkout that
+    is not part of an installed package (entry points, scripts) as a module, once per session.
+    """
+    cache = {}
+
+    def load(relpath):
+        if relpath not in cache:
+            name = os.path.splitext(os.path.basename(relpath))[0] + "_under_test"
+            spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+            cache[relpath] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(cache[relpath])
+        return cache[relpath]
+
+    return load
+
 
 # Aspect (w/h) of the synthetic crops of each group: S, T, W.
 _ASPECTS = {0: (0.6, 1.4), 1: (0.25, 0.45), 2: (1.7, 3.0)}
@@ -38,28 +61,18 @@ def write_bank(path, n_s=8, n_t=3, n_w=3, num_classes=3, seed=0, encoding="png")
         ext = ".png" if encoding == "png" else ".jpg"
         ok, buf = cv2.imencode(ext, cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         assert ok
-        blobs.append(buf.reshape(-1))
+        blobs.append(buf.tobytes())
         sizes.append((h, w))
         bw, bh = rng.uniform(5, 200, size=2)
         boxes.append((3.0, 4.0, 3.0 + bw, 4.0 + bh))
-    with h5py.File(path, "w") as f:
-        ds = f.create_dataset("crops", (n,), dtype=h5py.vlen_dtype(np.uint8))
-        for i, b in enumerate(blobs):
-            ds[i] = b
-        f["label"] = rng.integers(0, num_classes + 1, size=n).astype(np.int32)
-        f["group"] = groups
-        f["size"] = np.array(sizes, np.int32).reshape(n, 2)
-        f["image_id"] = np.arange(n, dtype=np.int64)
-        f["box"] = np.array(boxes, np.float32).reshape(n, 4)
-        f["crop_box"] = np.array(boxes, np.float32).reshape(n, 4)
-        for g, name in enumerate(GROUPS):
-            f[f"index/{name}"] = np.flatnonzero(groups == g).astype(np.int64)
-        f.attrs["format"] = FORMAT_NAME
-        f.attrs["version"] = FORMAT_VERSION
-        f.attrs["num_classes"] = num_classes
-        f.attrs["category_names"] = json.dumps([f"c{k}" for k in range(num_classes)])
-        f.attrs["category_ids"] = json.dumps(list(range(1, num_classes + 1)))
-        f.attrs["encoding"] = encoding
+    labels = rng.integers(0, num_classes + 1, size=n).astype(np.int32)
+    with BankWriter(str(path), encoding=encoding) as writer:
+        writer.append(blobs, labels, groups, np.array(sizes, np.int32).reshape(n, 2),
+                      np.arange(n, dtype=np.int64), np.array(boxes, np.float32).reshape(n, 4),
+                      np.array(boxes, np.float32).reshape(n, 4))
+        writer.finalize({"num_classes": num_classes,
+                         "category_names": [f"c{k}" for k in range(num_classes)],
+                         "category_ids": list(range(1, num_classes + 1))})
     return str(path)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from builder.schema import BankFormatError
-from montage_pretrain.bank import SampleBank
+from builder.bank import BankFormatError
+from builder.bank import SampleBank
 
 pytestmark = pytest.mark.usefixtures("few_threads")
 

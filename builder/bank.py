@@ -1,0 +1,304 @@
+"""
+The HDF5 sample bank: its format (version 1), its validation and its one reader,
+:class:`SampleBank`. The writer is :class:`builder.writer.BankWriter`; everything else (``info``,
+``show``, the pre-training loader, the benchmarks, the tests) reads banks through this module.
+
+File layout (N samples, C foreground categories)::
+
+    /crops        (N,)   vlen uint8   encoded crop (JPEG or PNG bytes, RGB)
+    /label        (N,)   int32        0..C-1 = category (contiguous), C = background (negative)
+    /group        (N,)   uint8        0 = S (0.5 <= w/h <= 1.5), 1 = T (w/h < 0.5), 2 = W (w/h > 1.5)
+    /size         (N, 2) int32        stored crop (height, width) in pixels, after any resize
+    /image_id     (N,)   int64        source image id (the json's "id")
+    /box          (N, 4) float32      original GT box, x0 y0 x1 y1 in source pixels (negatives:
+                                      the sampled background box)
+    /crop_box     (N, 4) float32      enlarged box actually cut, x0 y0 x1 y1 in source pixels
+    /index/S, /index/T, /index/W      int64 sample indices of each group (ascending)
+
+Root attributes::
+
+    format = "montage-sample-bank", version = 1
+    num_classes      C (int)
+    category_names   json list of C names, in contiguous-label order
+    category_ids     json list of C dataset category ids, in contiguous-label order
+    encoding         "jpeg" or "png"
+    seed, tool_version, build_args (json), counts (json), created (ISO time)
+
+Conventions of the writer (``python -m builder build``, version 1.0), for readers:
+
+- ``/crops`` holds ordinary JPEG/PNG files of the true colours: PIL decodes them to RGB,
+  ``cv2.imdecode`` to BGR (convert with ``cv2.COLOR_BGR2RGB``).
+- Rows are in image order (json order): per image its positives in annotation order, then its
+  negatives; negatives from the make-up passes (see ``builder/build.py``) follow at the end.
+- Positives: ``/box`` is the GT box clipped to the image; ``/crop_box`` is the randomly enlarged
+  box, whole pixels, clipped to the image, always containing ``/box``. Negatives: ``/box`` equals
+  ``/crop_box`` and has zero intersection with every GT box of its image (crowd and tiny included).
+- ``/size`` and ``/group`` describe the stored crop after the optional ``--max-side`` downscale,
+  so ``group == group_of(size[1], size[0])`` always holds.
+- ``counts`` (json): ``images`` {in_json, selected, without_annotations, missing, failed, decoded,
+  with_samples}, ``annotations`` {total, planned_positives, skipped {crowd, degenerate, outside,
+  tiny, unknown_category}, in_missing_or_failed_images}, ``samples`` {total, positives,
+  negatives, positives_by_group, negatives_by_group}, ``negatives`` {ratio, target,
+  placed_by_pass, shortfall, images_exhausted, exhausted_image_ids (first 20)}, ``problems``
+  {kind: count}.
+- The ``format`` attribute is written last, and the file appears under its name only when
+  complete (``os.replace`` of ``NAME.tmp-<pid>``).
+"""
+import json
+import os
+
+import cv2
+import h5py
+import numpy as np
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "GROUPS", "GROUP_S", "GROUP_T", "GROUP_W",
+    "S_MIN_ASPECT", "S_MAX_ASPECT", "group_of", "BankFormatError", "check_bank", "decode_attr",
+    "JSON_ATTRS",
+    "SampleBank",
+]
+
+FORMAT_NAME = "montage-sample-bank"
+FORMAT_VERSION = 1
+GROUPS = ("S", "T", "W")
+GROUP_S, GROUP_T, GROUP_W = 0, 1, 2
+S_MIN_ASPECT, S_MAX_ASPECT = 0.5, 1.5
+
+
+def group_of(width, height):
+    """
+    Returns the group id of a crop from its size (pixels): S for 0.5 <= w/h <= 1.5 (both ends
+    inclusive, as the paper's "between 0.5 and 1.5"), T for w/h < 0.5, W for w/h > 1.5.
+    """
+    aspect = float(width) / float(height)
+    if aspect < S_MIN_ASPECT:
+        return GROUP_T
+    if aspect > S_MAX_ASPECT:
+        return GROUP_W
+    return GROUP_S
+
+
+# Root attributes stored as json text (decoded by :func:`decode_attr`).
+JSON_ATTRS = ("category_names", "category_ids", "build_args", "counts")
+
+
+class BankFormatError(ValueError):
+    """Raised when a file is not a sample bank this code can read."""
+
+
+def decode_attr(h5, key, default=None):
+    """
+    Returns the root attribute ``key`` of an open bank as a plain Python value: bytes -> str,
+    numpy scalars -> Python scalars, the :data:`JSON_ATTRS` parsed; ``default`` when absent.
+    """
+    if key not in h5.attrs:
+        return default
+    value = h5.attrs[key]
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if key in JSON_ATTRS and isinstance(value, str):
+        value = json.loads(value)
+    return value
+
+
+def check_bank(h5, path="<bank>"):
+    """
+    Validates an open ``h5py.File`` as a sample bank; raises :class:`BankFormatError` with a
+    one-line message naming the file and the fix.
+    """
+    fmt = decode_attr(h5, "format")
+    if fmt != FORMAT_NAME:
+        raise BankFormatError(
+            f"{path}: not a Montage sample bank (format attribute {fmt!r}); "
+            f"build one with `python -m builder build --annotations JSON --images DIR --out {path}`"
+        )
+    version = int(h5.attrs.get("version", -1))
+    if version != FORMAT_VERSION:
+        raise BankFormatError(
+            f"{path}: sample bank version {version}, this code reads version {FORMAT_VERSION}; "
+            "rebuild it with `python -m builder build ... --overwrite`"
+        )
+    missing = [k for k in ("crops", "label", "group", "size", "index/S", "index/T", "index/W")
+               if k not in h5]
+    if missing:
+        raise BankFormatError(
+            f"{path}: sample bank is incomplete (missing {', '.join(missing)}); "
+            "rebuild it with `python -m builder build ... --overwrite`"
+        )
+
+
+# OpenCV >= 4.10 decodes to RGB directly (same pixels as IMREAD_COLOR + BGR2RGB, one pass less).
+_IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+class SampleBank:
+    """
+    Read-only view of a sample bank.
+
+    The HDF5 file is opened on first access in the current process and reopened after a fork
+    (the pid is tracked): an HDF5 handle must never be shared across processes. Pickling drops
+    the handle and the cached arrays, so the object can be sent to DataLoader workers (spawn or
+    fork) and each worker opens its own handle.
+
+    Small per-sample arrays (labels, groups, sizes, box areas, group indexes) are read once and
+    cached; crops are read and decoded one at a time by :meth:`decode`, through the ``/crops``
+    dataset object of this process's handle, kept (a lookup by name per crop costs more than
+    the read).
+    """
+
+    def __init__(self, path):
+        """
+        Args:
+            path (str): the ``.h5`` bank written by ``python -m builder build``.
+        """
+        self.path = os.fspath(path)
+        self._check_exists()
+        self._h5 = None
+        self._pid = None
+        self._crops = None
+        self._cache = {}
+
+    def _check_exists(self):
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(
+                f"sample bank {self.path} not found; build it with `make samples BANK={self.path}`"
+            )
+
+    @property
+    def h5(self):
+        """The ``h5py.File`` of this process (opened and validated on first use)."""
+        if self._h5 is None or self._pid != os.getpid():
+            # After a fork the inherited handle belongs to the parent: forget it, never close it
+            # here (closing would act on the parent's HDF5 state).
+            self._check_exists()
+            self._crops = None  # belonged to the forgotten handle
+            self._h5 = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+            check_bank(self._h5, self.path)
+        return self._h5
+
+    @property
+    def crops_dataset(self):
+        """The ``/crops`` dataset of this process's handle (looked up once per handle)."""
+        h5 = self.h5  # reopens after a fork, which drops the dataset of the old handle
+        if self._crops is None:
+            self._crops = h5["crops"]
+        return self._crops
+
+    def close(self):
+        """Closes this process's handle (it is reopened on the next access)."""
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+        self._pid = None
+        self._crops = None
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.path = state["path"]
+        self._h5 = None
+        self._pid = None
+        self._crops = None
+        self._cache = {}
+
+    def _cached(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    @property
+    def attrs(self):
+        """dict: every root attribute, decoded by :func:`decode_attr` (json ones parsed)."""
+        return self._cached("attrs", lambda: {k: decode_attr(self.h5, k) for k in self.h5.attrs})
+
+    @property
+    def num_classes(self):
+        """int: foreground categories C (labels 0..C-1; C = background)."""
+        return int(self.attrs["num_classes"])
+
+    @property
+    def category_names(self):
+        """list[str]: the C category names in contiguous-label order."""
+        return list(self.attrs.get("category_names") or [str(i) for i in range(self.num_classes)])
+
+    @property
+    def category_ids(self):
+        """list[int]: the C dataset category ids in contiguous-label order."""
+        return list(self.attrs.get("category_ids") or range(self.num_classes))
+
+    def read(self, name):
+        """
+        Reads a whole per-sample dataset (not cached), e.g. ``"box"``, ``"crop_box"``,
+        ``"image_id"``, ``"index/S"``; ``"crops"`` gives the encoded files as a list of bytes.
+        """
+        if name == "crops":
+            return [bytes(c) for c in self.crops_dataset[()]]
+        return self.h5[name][()]
+
+    def encoded(self, i):
+        """Returns the stored JPEG/PNG bytes of sample ``i`` (np.ndarray of uint8)."""
+        return np.asarray(self.crops_dataset[int(i)], dtype=np.uint8)
+
+    @property
+    def labels(self):
+        """np.ndarray: (N,) int64 labels 0..C."""
+        return self._cached("labels", lambda: self.h5["label"][()].astype(np.int64))
+
+    @property
+    def groups(self):
+        """np.ndarray: (N,) uint8 group ids, 0 = S, 1 = T, 2 = W."""
+        return self._cached("groups", lambda: self.h5["group"][()])
+
+    @property
+    def sizes(self):
+        """np.ndarray: (N, 2) int64 stored crop (height, width), pixels."""
+        return self._cached("sizes", lambda: self.h5["size"][()].astype(np.int64))
+
+    @property
+    def box_areas(self):
+        """np.ndarray: (N,) float64 area of the original GT box (/box), source pixels^2."""
+
+        def read():
+            box = self.h5["box"][()].astype(np.float64)
+            return np.clip(box[:, 2] - box[:, 0], 0, None) * np.clip(box[:, 3] - box[:, 1], 0, None)
+
+        return self._cached("box_areas", read)
+
+    def group_indices(self, g):
+        """
+        Args:
+            g (int): 0 = S, 1 = T, 2 = W.
+
+        Returns:
+            np.ndarray: int64 sample indices of group g (ascending; may be empty).
+        """
+        name = GROUPS[int(g)]
+        return self._cached(f"index/{name}", lambda: self.h5[f"index/{name}"][()].astype(np.int64))
+
+    def __len__(self):
+        return self._cached("len", lambda: int(self.h5["label"].shape[0]))
+
+    def decode(self, i):
+        """
+        Args:
+            i (int): sample index.
+
+        Returns:
+            np.ndarray: (h, w, 3) uint8 RGB.
+        """
+        data = self.encoded(i)
+        if _IMREAD_COLOR_RGB is not None:
+            img = cv2.imdecode(data, _IMREAD_COLOR_RGB)  # RGB straight from the decoder
+        else:
+            img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+            img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        if img is None:
+            raise ValueError(f"{self.path}: crop {i} could not be decoded ({data.size} bytes)")
+        return img
+
+    def __repr__(self):
+        return f"SampleBank({self.path!r})"
