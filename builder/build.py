@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .coco import load_coco
+from . import extract
 from .extract import ExtractOptions, ImageTask, extract_image
-from .sampling import KEEP, SKIP_REASONS, allocate_negatives, allocate_shortfall, classify_boxes
 from .bank import GROUPS
+from .sampling import KEEP, SKIP_REASONS, allocate_negatives, allocate_shortfall, classify_boxes
 from .writer import BankWriter
 
 __all__ = ["BuildError", "BuildOptions", "ProblemLog", "build_bank"]
@@ -81,12 +82,12 @@ class BuildOptions:
     max_images: int = None
     overwrite: bool = False
     strict: bool = False
-    max_side: int = 256
-    quality: int = 90
-    encoding: str = "jpeg"
+    max_side: int = extract.DEFAULT_MAX_SIDE
+    quality: int = extract.DEFAULT_QUALITY
+    encoding: str = extract.DEFAULT_ENCODING
     neg_ratio: float = 0.1
-    enlarge: tuple = (1.0, 1.5)
-    min_size: int = 8
+    enlarge: tuple = extract.DEFAULT_ENLARGE
+    min_size: int = extract.DEFAULT_MIN_SIZE
     max_passes: int = 3
     progress: bool = None
 

@@ -21,6 +21,9 @@ from .info import format_summary, ratio_text, summarize_bank
 from .bank import BankFormatError
 from .show import write_grid
 
+# Defaults of `build`, declared once in BuildOptions (and extract.DEFAULT_*).
+_D = BuildOptions()
+
 __all__ = ["parse_args", "main"]
 
 logger = logging.getLogger("builder")
@@ -37,12 +40,12 @@ def _add_build_parser(sub):
         "--images", required=True, metavar="DIR", help="directory of the json's file_name"
     )
     p.add_argument("--out", required=True, metavar="BANK.h5", help="bank to write")
-    p.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
+    p.add_argument("--seed", type=int, default=_D.seed, help="RNG seed (default %(default)s)")
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="worker processes; the bank does not depend on it (default 1)",
+        default=_D.workers,
+        help="worker processes; the bank does not depend on it (default %(default)s)",
     )
     p.add_argument(
         "--max-images",
@@ -60,38 +63,40 @@ def _add_build_parser(sub):
     p.add_argument(
         "--max-side",
         type=int,
-        default=256,
+        default=_D.max_side,
         metavar="PX",
         help="downscale crops so the longer side is at most PX, keeping the aspect "
-        "(0 = keep full size; default 256)",
+        "(0 = keep full size; default %(default)s)",
     )
-    p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality (default 90)")
+    p.add_argument("--quality", type=int, default=_D.quality, metavar="Q",
+                   help="JPEG quality (default %(default)s)")
     p.add_argument(
-        "--encoding", choices=("jpeg", "png"), default="jpeg", help="crop encoding (default jpeg)"
+        "--encoding", choices=("jpeg", "png"), default=_D.encoding,
+        help="crop encoding (default %(default)s)",
     )
     p.add_argument(
         "--neg-ratio",
         type=float,
-        default=0.1,
+        default=_D.neg_ratio,
         metavar="R",
-        help="negatives per positive over the bank (default 0.1, the paper's 10:1)",
+        help="negatives per positive over the bank (default %(default)s, the paper's 10:1)",
     )
     p.add_argument(
         "--enlarge",
         type=float,
         nargs=2,
-        default=[1.0, 1.5],
+        default=list(_D.enlarge),
         metavar=("LO", "HI"),
         help="context for positives: box width and height are scaled by independent factors "
         "drawn uniformly in [LO, HI], the margin split at random between opposite sides, then "
-        "clipped to the image (default 1.0 1.5)",
+        "clipped to the image (default %s %s)" % tuple(_D.enlarge),
     )
     p.add_argument(
         "--min-size",
         type=int,
-        default=8,
+        default=_D.min_size,
         metavar="PX",
-        help="skip GT boxes whose clipped shorter side is below PX (default 8)",
+        help="skip GT boxes whose clipped shorter side is below PX (default %(default)s)",
     )
     p.set_defaults(func=_cmd_build)
     return p

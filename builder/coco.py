@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .sampling import xywh_to_xyxy
+
 __all__ = ["CocoFormatError", "ImageRecord", "CocoDataset", "load_coco"]
 
 logger = logging.getLogger(__name__)
@@ -246,9 +248,7 @@ def load_coco(json_path, image_dir, max_images=None):
     for img in images:
         anns = per_image[img["id"]]
         num_annotations += len(anns)
-        xywh = np.array([a[0] for a in anns], dtype=np.float64).reshape(-1, 4)
-        boxes = xywh.copy()
-        boxes[:, 2:] += boxes[:, :2]
+        boxes = xywh_to_xyxy([a[0] for a in anns])
         records.append(
             ImageRecord(
                 image_id=img["id"],

@@ -37,6 +37,14 @@ __all__ = [
 _PNG_COMPRESSION = 1
 
 
+# Defaults of the crop settings; BuildOptions and the CLI read them from here.
+DEFAULT_ENLARGE = (1.0, 1.5)  # total enlargement of each side of a positive, U(lo, hi)
+DEFAULT_MIN_SIZE = 8  # px, least side of a usable GT box and of a negative
+DEFAULT_MAX_SIDE = 256  # px, longer side of a stored crop (0 = keep)
+DEFAULT_ENCODING = "jpeg"
+DEFAULT_QUALITY = 90  # JPEG quality
+
+
 @dataclass(frozen=True)
 class ExtractOptions:
     """
@@ -54,11 +62,11 @@ class ExtractOptions:
 
     seed: int = 0
     num_classes: int = 1
-    enlarge: tuple = (1.0, 1.5)
-    min_size: int = 8
-    max_side: int = 256
-    encoding: str = "jpeg"
-    quality: int = 90
+    enlarge: tuple = DEFAULT_ENLARGE
+    min_size: int = DEFAULT_MIN_SIZE
+    max_side: int = DEFAULT_MAX_SIDE
+    encoding: str = DEFAULT_ENCODING
+    quality: int = DEFAULT_QUALITY
 
 
 @dataclass

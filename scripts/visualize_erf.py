@@ -71,7 +71,7 @@ def main(argv=None):
     if args.init:
         entries.insert(0, ("random init", args.run[0], False))
     cfg0, model0 = load_model(args.run[0], bank=args.bank)
-    stream = iter(MontageStream(cfg0.MONTAGE.BANK, crops_per_image=4, seed=args.seed))
+    stream = iter(MontageStream.from_config(cfg0, args.seed, crops_per_image=4))
     batch = collate_montages([next(stream) for _ in range(args.num_images)])
 
     # Fig. 5: ERF of the top-left region, one panel per run.

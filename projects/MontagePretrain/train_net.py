@@ -51,8 +51,7 @@ class Trainer(DefaultTrainer):
         cfg = self.cfg
         ret = super().build_hooks()
         # ERF weights must be ready before the first step; export once training has finished.
-        ret.insert(0, ERFRefreshHook(cfg.MONTAGE.BANK, cfg.MONTAGE.ERF_PERIOD,
-                                     cfg.MONTAGE.ERF_NUM_IMAGES, seed=max(cfg.SEED, 0) + 7919))
+        ret.insert(0, ERFRefreshHook(cfg))
         ret.append(ExportHook(cfg, os.path.join(cfg.OUTPUT_DIR, cfg.MONTAGE.EXPORT_NAME)))
         return ret
 

@@ -18,6 +18,18 @@ def test_parse_args_defaults():
     assert args.enlarge == [1.0, 1.5] and args.encoding == "jpeg" and not args.strict
 
 
+def test_crop_defaults_declared_once():
+    """The CLI, BuildOptions and ExtractOptions share one set of crop defaults."""
+    from builder.build import BuildOptions
+    from builder.extract import ExtractOptions
+
+    args = parse_args(["build", "--annotations", "a.json", "--images", "d", "--out", "b.h5"])
+    build, extract = BuildOptions(), ExtractOptions()
+    for key in ("max_side", "quality", "encoding", "min_size", "seed"):
+        assert getattr(args, key) == getattr(build, key) == getattr(extract, key), key
+    assert tuple(args.enlarge) == tuple(build.enlarge) == tuple(extract.enlarge)
+
+
 def test_info_and_show(tmp_path, capsys):
     json_path, img_dir = synthetic(tmp_path, num_images=10)
     bank = tmp_path / "b.h5"

@@ -71,6 +71,7 @@ def test_lr_schedule_is_warmup_then_cosine_to_zero():
     ("MONTAGE.LOSS", "dense", "MONTAGE.LOSS"),
     ("MONTAGE.TAU", 1.5, "MONTAGE.TAU"),
     ("MONTAGE.SPLIT", 0.4, "MONTAGE.SPLIT"),
+    ("INPUT.FORMAT", "BGR", "INPUT.FORMAT"),
     ("SOLVER.IMS_PER_BATCH", 7, "divisible"),
 ])
 def test_bad_config_gives_one_line_error(key, value, match):

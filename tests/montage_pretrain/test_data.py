@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from montage_pretrain import data as data_mod
 from builder.bank import SampleBank
+from montage_pretrain import data as data_mod
 from montage_pretrain.data import MontageStream, build_montage_train_loader, collate_montages
 
 pytestmark = pytest.mark.usefixtures("few_threads")
@@ -84,6 +84,24 @@ def test_min_group_size_and_error_rule(make_bank, caplog):
         MontageStream(path, min_group_size=4, fallback="error")
     with pytest.raises(ValueError, match="no group"):
         MontageStream(path, min_group_size=100)
+
+
+def test_stream_from_config_and_erf_hook_follow_the_group_rules(make_bank):
+    from montage_pretrain.hooks import ERFRefreshHook
+
+    path = make_bank(n_s=8, n_t=3, n_w=6)
+    cfg = _cfg(path, **{"MONTAGE.MIN_GROUP_SIZE": 4, "MONTAGE.GROUP_FALLBACK": "error"})
+    # The training stream and the ERF hook's montage set both read the config's group rules.
+    with pytest.raises(ValueError, match="MIN_GROUP_SIZE"):
+        MontageStream.from_config(cfg, seed=0)
+    with pytest.raises(ValueError, match="MIN_GROUP_SIZE"):
+        ERFRefreshHook(cfg)._montages()
+    stream = MontageStream.from_config(_cfg(path, **{"MONTAGE.MIN_GROUP_SIZE": 4}), seed=0)
+    assert (stream.min_group_size, stream.fallback, stream.crops_per_image) == (4, "nearest", 4)
+    single = _cfg(path, **{"MONTAGE.LOSS": "single", "MONTAGE.ERF_NUM_IMAGES": 3})
+    assert MontageStream.from_config(single, seed=0).crops_per_image == 1
+    batch = ERFRefreshHook(single)._montages()
+    assert tuple(batch["labels"].shape) == (3, 4)  # ERF maps are always measured on montages
 
 
 def test_collate(bank_path):

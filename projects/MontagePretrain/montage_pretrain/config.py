@@ -1,6 +1,8 @@
 """Config keys of Montage pre-training: all of them live under ``cfg.MONTAGE``."""
 from detectron2.config import CfgNode as CN
 
+from .montage import MontageTemplate
+
 __all__ = ["add_montage_config", "assert_montage_cfg"]
 
 
@@ -23,8 +25,7 @@ def add_montage_config(cfg):
     # Side of the square montage canvas, in pixels.
     _C.MONTAGE.INPUT_SIZE = 224
     # Side of the top-left (small S) region as a fraction of INPUT_SIZE; rounded to pixels.
-    # 0.3 on 224 gives 67 | 157: W region 157x67 (aspect 2.34 > 1.5), T region 67x157
-    # (aspect 0.43 < 0.5). It must be < 1/3 for the T region to stay below aspect 0.5.
+    # Must be < 1/3 so the T and W regions have the T and W groups' aspects (MontageTemplate).
     _C.MONTAGE.SPLIT = 0.3
     # Classification objective: "erf" (ERF-adaptive dense, the paper's), "blockwise"
     # (per-region pooling, hard labels), "global" (global pooling, area-mixed label),
@@ -89,10 +90,13 @@ def assert_montage_cfg(cfg, world_size=1):
         raise ValueError(f"MONTAGE.LOSS={m.LOSS!r}: use erf, blockwise, global or single")
     if not 0.0 <= m.TAU <= 1.0:
         raise ValueError(f"MONTAGE.TAU={m.TAU}: must lie in [0, 1] (the paper uses 0.7)")
-    if not 0.0 < m.SPLIT < 1.0 / 3.0:
+    MontageTemplate.from_config(cfg)  # checks MONTAGE.SPLIT against MONTAGE.INPUT_SIZE
+    if cfg.INPUT.FORMAT != "RGB":
+        # The bank decodes crops to RGB (SampleBank.decode) and the export records INPUT.FORMAT
+        # for fine-tuning: any other value would hand off the wrong channel order.
         raise ValueError(
-            f"MONTAGE.SPLIT={m.SPLIT}: must be in (0, 1/3) so the T region's aspect stays < 0.5 "
-            "and the W region's > 1.5 (0.3 gives 67|157 on a 224 canvas)"
+            f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: Montage pre-training feeds RGB crops; set "
+            "INPUT.FORMAT RGB (with MODEL.PIXEL_MEAN/STD in RGB order, configs/Base-RGB.yaml)"
         )
     if not m.BANK:
         raise ValueError("MONTAGE.BANK is empty: pass MONTAGE.BANK path/to/bank.h5 (make samples)")
@@ -106,10 +110,8 @@ def assert_montage_cfg(cfg, world_size=1):
             f"SOLVER.WARMUP_ITERS={cfg.SOLVER.WARMUP_ITERS} must be below SOLVER.MAX_ITER="
             f"{cfg.SOLVER.MAX_ITER}: the cosine phase follows the warm-up"
         )
-    # The paper's 0.8 for 512 montages, scaled linearly. With 16 montages, 2x that (0.05)
-    # already half-collapsed the features in 150 iterations and 4x (0.1) fully
-    # (scripts/feature_rank.py); the 4x export fine-tuned worse than random init, while the
-    # pre-training loss looked normal.
+    # The paper's 0.8 for 512 montages, scaled linearly; well above it the features collapsed
+    # while the loss looked normal (projects/MontagePretrain/README.md, "Investigation").
     scaled = PAPER_LR_PER_MONTAGE * cfg.SOLVER.IMS_PER_BATCH
     if cfg.SOLVER.BASE_LR > 1.5 * scaled:
         logger.warning(
@@ -127,4 +129,71 @@ def assert_montage_cfg(cfg, world_size=1):
         if cfg.SOLVER.AMP.ENABLED:
             logger.warning("CUDA is not available: SOLVER.AMP.ENABLED=False")
             cfg.SOLVER.AMP.ENABLED = False
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning configs: stock model-zoo bases
+# ---------------------------------------------------------------------------------------------
+__all__ += ["MODEL_ZOO_PREFIX", "resolve_model_zoo_path", "merge_config_file"]
+
+# A _BASE_ (or config path) ``model_zoo://REL`` names the stock config REL inside the installed
+# detectron2 package, whose location a relative _BASE_ cannot know.
+MODEL_ZOO_PREFIX = "model_zoo://"
+
+
+def resolve_model_zoo_path(path):
+    """
+    Maps ``model_zoo://REL`` (also after being joined to a folder by ``_BASE_`` resolution) to
+    the stock config file ``REL`` inside the installed ``detectron2/model_zoo/configs``.
+    Other paths are returned unchanged.
+    """
+    import importlib.util
+    import os
+
+    if MODEL_ZOO_PREFIX not in path:
+        return path
+    rel = path.split(MODEL_ZOO_PREFIX, 1)[1]
+    # find_spec locates the package without importing it (its import pulls in pkg_resources).
+    spec = importlib.util.find_spec("detectron2.model_zoo")
+    full = os.path.join(list(spec.submodule_search_locations)[0], "configs", rel)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(
+            f"{MODEL_ZOO_PREFIX}{rel}: no such stock config in {os.path.dirname(full)}; "
+            "check the name against detectron2/model_zoo/configs."
+        )
+    return full
+
+
+class _ModelZooCfgNode(CN):
+    """A CfgNode whose ``_BASE_`` may name a stock config as ``model_zoo://REL``."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe=False):
+        return super().load_yaml_with_base(resolve_model_zoo_path(filename), allow_unsafe)
+
+
+def merge_config_file(cfg, path, allow_unsafe=True):
+    """
+    Merges a YAML config into ``cfg`` like ``cfg.merge_from_file``, resolving ``model_zoo://``.
+
+    Args:
+        cfg (CfgNode): e.g. ``get_cfg()`` with ``add_montage_config`` applied.
+        path (str): YAML file; its ``_BASE_`` chain may use ``model_zoo://`` and relative paths.
+
+    Returns:
+        CfgNode: ``cfg``, merged in place.
+    """
+    import os
+
+    if not os.path.isfile(path) and MODEL_ZOO_PREFIX not in path:
+        raise FileNotFoundError(f"Config file not found: {path}")
+    loaded = _ModelZooCfgNode.load_yaml_with_base(path, allow_unsafe=allow_unsafe)
+    loaded = type(cfg)(loaded)
+    if loaded.get("VERSION", cfg.VERSION) != cfg.VERSION:
+        raise ValueError(
+            f"{path} has VERSION {loaded.VERSION}, expected {cfg.VERSION}; "
+            "use cfg.merge_from_file for legacy configs."
+        )
+    cfg.merge_from_other_cfg(loaded)
     return cfg

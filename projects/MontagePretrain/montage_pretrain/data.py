@@ -90,6 +90,22 @@ class MontageStream(IterableDataset):
             raise ValueError(f"sample bank {bank_path} is empty; rebuild it (make samples)")
         self.bank.close()
 
+    @classmethod
+    def from_config(cls, cfg, seed, crops_per_image=None):
+        """
+        The stream of ``cfg.MONTAGE`` (bank, group fallback, min group size) with ``seed``;
+        ``crops_per_image`` defaults to 1 for ``MONTAGE.LOSS == "single"``, else 4.
+        """
+        if crops_per_image is None:
+            crops_per_image = 1 if cfg.MONTAGE.LOSS == "single" else 4
+        return cls(
+            cfg.MONTAGE.BANK,
+            crops_per_image=crops_per_image,
+            seed=seed,
+            min_group_size=cfg.MONTAGE.MIN_GROUP_SIZE,
+            fallback=cfg.MONTAGE.GROUP_FALLBACK,
+        )
+
     def _make_pools(self, warn=True):
         """Index arrays to draw S, T, W from, after the fallback rule."""
         idx = {g: self.bank.group_indices(g) for g in (GROUP_S, GROUP_T, GROUP_W)}
@@ -213,13 +229,7 @@ def build_montage_train_loader(cfg):
             f"choose a multiple of {world}"
         )
     seed = cfg.SEED if cfg.SEED >= 0 else int.from_bytes(os.urandom(4), "little") % (2**31)
-    stream = MontageStream(
-        cfg.MONTAGE.BANK,
-        crops_per_image=1 if cfg.MONTAGE.LOSS == "single" else 4,
-        seed=seed,
-        min_group_size=cfg.MONTAGE.MIN_GROUP_SIZE,
-        fallback=cfg.MONTAGE.GROUP_FALLBACK,
-    )
+    stream = MontageStream.from_config(cfg, seed)
     workers = cfg.DATALOADER.NUM_WORKERS
     return DataLoader(
         stream,

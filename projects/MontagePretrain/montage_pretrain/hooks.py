@@ -31,23 +31,26 @@ class ERFRefreshHook(HookBase):
     ``erf_iter`` from its checkpoint and does not recompute them.
     """
 
-    def __init__(self, bank_path, period, num_images, seed=0):
+    # Offset of the fixed montage set's seed from cfg.SEED, so it is not the first training batch.
+    SEED_OFFSET = 7919
+
+    def __init__(self, cfg):
         """
         Args:
-            bank_path (str): HDF5 sample bank.
-            period (int): refresh every ``period`` iterations; 0 = only before training.
-            num_images (int): montages averaged per ERF estimate.
-            seed (int): seed of the fixed montage set.
+            cfg (CfgNode): reads ``MONTAGE.ERF_PERIOD`` (refresh every that many iterations;
+                0 = only before training), ``MONTAGE.ERF_NUM_IMAGES`` (montages averaged per
+                estimate), the montage stream keys (``MontageStream.from_config``) and ``SEED``.
         """
-        self._bank_path = bank_path
-        self._period = period
-        self._num_images = num_images
-        self._seed = seed
+        self._cfg = cfg
+        self._period = cfg.MONTAGE.ERF_PERIOD
+        self._num_images = cfg.MONTAGE.ERF_NUM_IMAGES
+        self._seed = max(cfg.SEED, 0) + self.SEED_OFFSET
         self._batch = None
 
     def _montages(self):
         if self._batch is None:
-            stream = iter(MontageStream(self._bank_path, crops_per_image=4, seed=self._seed))
+            # ERF maps are measured on 4-crop montages, whatever the training objective.
+            stream = iter(MontageStream.from_config(self._cfg, self._seed, crops_per_image=4))
             self._batch = collate_montages([next(stream) for _ in range(self._num_images)])
         return self._batch
 

@@ -111,7 +111,7 @@ class MontageClassifier(nn.Module):
         return {
             "backbone": build_backbone(cfg),
             "num_classes": num_classes,
-            "template": MontageTemplate(cfg.MONTAGE.INPUT_SIZE, cfg.MONTAGE.SPLIT),
+            "template": MontageTemplate.from_config(cfg),
             "loss": cfg.MONTAGE.LOSS,
             "tau": cfg.MONTAGE.TAU,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,

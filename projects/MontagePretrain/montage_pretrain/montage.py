@@ -8,6 +8,8 @@ import math
 import torch
 from torchvision.ops import roi_align
 
+from builder.bank import S_MAX_ASPECT, S_MIN_ASPECT
+
 __all__ = ["MontageTemplate", "assemble_montages", "assemble_single"]
 
 # Cap of roi_align's samples per output pixel and axis: a 4x4 grid already antialiases a 4x
@@ -29,11 +31,12 @@ class MontageTemplate:
         +-------+-------------+
            a         S - a
 
-    Why ``split = 0.3``: on a 224 canvas it gives 67 | 157, so the W region is 157 x 67
-    (w/h = 2.34 > 1.5) and the T region 67 x 157 (w/h = 0.43 < 0.5): each region has the aspect
-    of the group it receives (S: 0.5..1.5, T: < 0.5, W: > 1.5, as in the bank), so cover-cropping
-    a crop into its region cuts little. The T region's aspect is a / (S - a) < 0.5 iff
-    split < 1/3 (the W condition, split < 0.4, is then implied).
+    Each region must have the aspect of the group it receives, as the bank files them
+    (:func:`builder.bank.group_of`: T w/h < 0.5, W w/h > 1.5), so that cover-cropping a crop into
+    its region cuts little. The T region's aspect is a / (S - a) < 0.5 iff split < 1/3 (the W
+    condition, split < 0.4, is then implied); the constructor checks it on the rounded pixels.
+    ``split = 0.3`` (the default) gives 67 | 157 on a 224 canvas (W 157 x 67, w/h 2.34; T 67 x
+    157, w/h 0.43) and 38 | 90 on the 128 px demo canvas (w/h 2.37 and 0.42).
 
     Boxes are (y0, x0, y1, x1) in pixels, half-open: pixel rows y0..y1-1. A continuous point
     (y, x) lies in pixel (floor(y), floor(x)).
@@ -48,14 +51,16 @@ class MontageTemplate:
         self.size = int(input_size)
         self.split = float(split)
         self.a = int(round(self.split * self.size))
-        if not 0 < self.a < self.size:
-            raise ValueError(
-                f"MontageTemplate: split={split} on a {input_size} canvas gives an empty region; "
-                "use 0 < split < 1/3 (e.g. 0.3)"
-            )
         S, a = self.size, self.a
         self.regions = ((0, 0, a, a), (0, a, a, S), (a, 0, S, a), (a, a, S, S))
         self.region_hw = tuple((y1 - y0, x1 - x0) for (y0, x0, y1, x1) in self.regions)
+        (th, tw), (wh, ww) = self.region_hw[2], self.region_hw[1]
+        if not (0 < a < S and tw / th < S_MIN_ASPECT and ww / wh > S_MAX_ASPECT):
+            raise ValueError(
+                f"MONTAGE.SPLIT={split} on a {S} px canvas gives a {tw}x{th} T region and a "
+                f"{ww}x{wh} W region, whose aspects must be < {S_MIN_ASPECT} and > "
+                f"{S_MAX_ASPECT}: use 0 < split < 1/3 (e.g. 0.3)"
+            )
 
     @classmethod
     def from_config(cls, cfg):
@@ -110,22 +115,13 @@ class MontageTemplate:
 
     def validate(self, stride, feat_hw=None):
         """
-        Raises ValueError (one line) unless the T region's aspect (w/h) is < 0.5, the W region's
-        is > 1.5, and every region contains at least one feature-position centre.
+        Raises ValueError (one line) unless every region contains at least one feature-position
+        centre (the region aspects are checked by the constructor).
 
         Args:
             stride (int): network stride of the classified feature map.
             feat_hw (tuple[int, int] or None): feature-map size; default ceil(S / stride).
         """
-        (th, tw), (wh, ww) = self.region_hw[2], self.region_hw[1]
-        if not tw / th < 0.5:
-            raise ValueError(
-                f"{self}: T region {tw}x{th} has aspect {tw / th:.2f} >= 0.5; use split < 1/3"
-            )
-        if not ww / wh > 1.5:
-            raise ValueError(
-                f"{self}: W region {ww}x{wh} has aspect {ww / wh:.2f} <= 1.5; use split < 0.4"
-            )
         if feat_hw is None:
             feat_hw = (self.feature_size(stride),) * 2
         rmap = self.region_map(feat_hw[0], feat_hw[1], stride)
