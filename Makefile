@@ -22,7 +22,7 @@ BUILD_ARGS  ?=#                                     extra builder flags, e.g. --
 NUM_GPUS    ?= 1#                                   processes per machine (0/1 on CPU)
 PRETRAIN_CONFIG ?= projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml
 PRETRAIN_OPTS   ?=#                                 extra KEY VALUE config overrides
-WEIGHTS     ?= $(OUT)/pretrain/montage_backbone.pkl# exported backbone handed to fine-tuning
+WEIGHTS     ?= $(OUT)/pretrain/montage_backbone.pkl# exported backbone (name: MONTAGE.EXPORT_NAME) for fine-tuning
 FINETUNE_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml
 FINETUNE_SCRATCH_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml
 FINETUNE_OPTS   ?=
@@ -56,8 +56,8 @@ pretrain: setup ## Montage pre-training from BANK with PRETRAIN_CONFIG; exports 
 	    DATALOADER.NUM_WORKERS $(WORKERS) $(PRETRAIN_OPTS)
 
 finetune: setup ## fine-tune FINETUNE_CONFIG from WEIGHTS and print COCO AP
-	$(PY) scripts/finetune.py --config-file $(FINETUNE_CONFIG) --num-gpus $(NUM_GPUS) \
-	    --train-json $(TRAIN_JSON) --train-images $(TRAIN_IMAGES) \
+	$(PY) projects/MontagePretrain/finetune_net.py --config-file $(FINETUNE_CONFIG) \
+	    --num-gpus $(NUM_GPUS) --train-json $(TRAIN_JSON) --train-images $(TRAIN_IMAGES) \
 	    --val-json $(VAL_JSON) --val-images $(VAL_IMAGES) \
 	    MODEL.WEIGHTS "$(WEIGHTS)" OUTPUT_DIR $(OUT)/finetune SEED $(SEED) $(FINETUNE_OPTS)
 
@@ -70,12 +70,13 @@ demo: setup ## toy data -> samples -> pretrain -> finetune (Montage and scratch)
 	    FINETUNE_CONFIG=$(FINETUNE_SCRATCH_CONFIG)
 	$(PY) scripts/report.py "Montage R-18=$(OUT)/finetune" "scratch R-18=$(OUT)/scratch/finetune"
 
-bench: setup ## CPU benchmarks: builder vs decode floor, ERF vs global step, loader throughput
-	$(PY) scripts/bench_builder.py --quick $(QUICK)
-	$(PY) scripts/bench_pretrain.py --quick $(QUICK)
+bench: setup ## CPU benchmarks: builder vs decode floor, host data path, step (ERF vs global), loader
+	$(PY) scripts/benchmark.py --task builder,host,step,loader \
+	    --size $(if $(filter 1,$(QUICK)),tiny,small) --json output/bench/cpu.jsonl
 
-bench-gpu: setup ## full-scale throughput on the current CUDA device (tiny on CPU)
-	$(PY) scripts/bench_gpu.py
+bench-gpu: setup ## full-size model / step / loader throughput on the current CUDA device
+	$(PY) scripts/benchmark.py --task host,model,step,loader --size full \
+	    --json output/bench/gpu.jsonl
 
 compare: setup ## the paper's comparison at small scale (QUICK=1 for a smoke run)
 	$(PY) scripts/compare.py --quick $(QUICK) --out output/compare

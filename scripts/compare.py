@@ -28,11 +28,15 @@ import sys
 import time
 from collections import defaultdict
 
+from montage_pretrain.export_format import default_export_name
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.join(ROOT, "projects", "MontagePretrain")
 PRETRAIN_CONFIG = os.path.join(PROJECT, "configs/demo/montage_R_18_toy.yaml")
 FINETUNE_CONFIG = os.path.join(PROJECT, "configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml")
 SCRATCH_CONFIG = os.path.join(PROJECT, "configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml")
+# train_net.py exports OUTPUT_DIR/MONTAGE.EXPORT_NAME; these pre-training runs keep the default.
+EXPORT_NAME = default_export_name()
 VARIANTS = ("scratch", "single", "global", "blockwise", "erf")
 COCO_TINY = os.path.join(ROOT, "..", "shared", "data", "coco_tiny")
 
@@ -169,10 +173,10 @@ def main(argv=None):
                                      "SEED", str(seed), "OUTPUT_DIR", f"{run_dir}/pretrain"],
                                     f"{run_dir}/pretrain.log")
                     rec.update(pretrain_cpu_s=cpu, pretrain_wall_s=wall, pretrain_iters=pre_iters)
-                    weights, config = f"{run_dir}/pretrain/montage_backbone.pkl", FINETUNE_CONFIG
+                    weights, config = f"{run_dir}/pretrain/{EXPORT_NAME}", FINETUNE_CONFIG
                 steps = str((int(ft_iters * 0.8),))
-                wall, cpu = run([py, "scripts/finetune.py", "--config-file", config,
-                                 "--train-json", d["train_json"], "--train-images",
+                wall, cpu = run([py, os.path.join(PROJECT, "finetune_net.py"), "--config-file",
+                                 config, "--train-json", d["train_json"], "--train-images",
                                  d["train_images"], "--val-json", d["val_json"], "--val-images",
                                  d["val_images"], "--dataset-name", f"cmp_{dname}",
                                  "MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", str(ft_iters),

@@ -26,8 +26,10 @@ from tabulate import tabulate
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
+from montage_pretrain.config import merge_config_file
 from montage_pretrain.diagnostics import stage_participation_ratios
-from montage_pretrain.handoff import load_and_verify, merge_config_file
+from montage_pretrain.export_format import default_export_name
+from montage_pretrain.loading import load_and_verify
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_ROOT, "projects/MontagePretrain/configs/finetune/demo/"
@@ -89,7 +91,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for w in args.weights:
         if not os.path.isfile(w):
-            raise SystemExit(f"{w}: not found; pass a backbone export (montage_backbone.pkl)")
+            raise SystemExit(f"{w}: not found; pass a backbone export ({default_export_name()})")
 
     # The heads, FPN and RPN of the detector stay random: Detectron2 lists them as a warning.
     logging.getLogger("fvcore.common.checkpoint").setLevel(logging.ERROR)

@@ -5,7 +5,7 @@ Prints the COCO AP table of one or more fine-tuning runs.
     python scripts/report.py "Montage=output/demo/finetune" "scratch=output/demo/scratch/finetune"
 
 Each argument is NAME=DIR where DIR holds the ``metrics_final.json`` written by
-``scripts/finetune.py``. ``--json OUT`` also writes the rows as JSON.
+``projects/MontagePretrain/finetune_net.py``. ``--json OUT`` also writes the rows as JSON.
 """
 import argparse
 import json

@@ -80,7 +80,7 @@ def main(argv=None):
         cfg, model = load_model(run_dir, weights=weights, bank=args.bank)
         erf = top_left_erf(model, batch)
         ax.imshow(erf.numpy(), cmap="inferno")
-        a, size = model.template.a, model.template.size
+        a = model.template.a
         ax.add_patch(plt.Rectangle((-0.5, -0.5), a, a, fill=False, ec="cyan", lw=1.5))
         inside = erf[:a, :a].sum() / erf.sum()
         ax.set_title(f"{name} [{cfg.MONTAGE.LOSS}]\nERF mass in TL: {inside:.2f}", fontsize=9)

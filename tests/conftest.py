@@ -103,3 +103,61 @@ def make_bank(tmp_path):
 def bank_path(make_bank):
     """A default synthetic bank: 8 S, 3 T, 3 W crops, 3 classes."""
     return make_bank()
+
+
+def _r18_pretrain_cfg():
+    """A pre-training-like R-18 config: plain BN, torchvision-style RGB input, res5 kept."""
+    from detectron2.config import get_cfg
+    from montage_pretrain.config import add_montage_config
+
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    cfg.merge_from_list([
+        "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+        "MODEL.RESNETS.NORM", "BN", "MODEL.RESNETS.STRIDE_IN_1X1", "False",
+        "MODEL.BACKBONE.FREEZE_AT", "0", "INPUT.FORMAT", "RGB",
+        "MODEL.RESNETS.OUT_FEATURES", '["res5"]',  # the stock default ["res4"] prunes res5
+        "MODEL.PIXEL_MEAN", "[123.675, 116.28, 103.53]",
+        "MODEL.PIXEL_STD", "[58.395, 57.12, 57.375]",
+    ])
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def make_r18_export(tmp_path_factory):
+    """
+    ``make_r18_export(randomise=False, iteration=0)`` writes an R-18 backbone export (+ its
+    ``.pkl.yaml``) and returns its path. ``randomise`` sets every weight and BN statistic to
+    random values, so a tensor that was not loaded cannot pass for a loaded one.
+    """
+    import torch
+    from torch import nn
+
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import build_resnet_backbone
+    from montage_pretrain.export import export_backbone
+    from montage_pretrain.export_format import default_export_name
+
+    def make(randomise=False, iteration=0):
+        cfg = _r18_pretrain_cfg()
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+        if randomise:
+            with torch.no_grad():
+                for name, t in model.backbone.state_dict().items():
+                    if name.endswith("running_var"):
+                        t.uniform_(0.5, 2.0)
+                    elif not name.endswith("num_batches_tracked"):
+                        t.normal_(0.0, 0.1)
+        path = str(tmp_path_factory.mktemp("export") / default_export_name())
+        export_backbone(model, cfg, path, iteration=iteration)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def r18_export(make_r18_export):
+    """An R-18 backbone export at its random initialisation (pre-training iteration 0)."""
+    return make_r18_export()

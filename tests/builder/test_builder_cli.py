@@ -69,29 +69,6 @@ def test_info_rejects_non_bank(tmp_path, capsys):
     assert "not a Montage sample bank" in capsys.readouterr().err
 
 
-def test_bench_script_smoke(tmp_path, capsys):
-    """scripts/bench_builder.py runs end to end on a tiny synthetic dataset."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench_builder.py")
-    spec = importlib.util.spec_from_file_location("bench_builder", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    json_path, img_dir = synthetic(tmp_path, num_images=4)
-    assert bench.main(["--quick", "1", "--annotations", json_path, "--images", img_dir]) == 0
-    out = capsys.readouterr().out
-    for text in (
-        "(a) decode only",
-        "(b) build, 1 worker",
-        "(c) build, 2 workers",
-        "ratio (b)/(a)",
-        "speed-up (b)/(c)",
-        "full COCO train2017 estimate",
-    ):
-        assert text in out, text
-
-
 def test_show_picks_negatives_rightmost():
     import numpy as np
 

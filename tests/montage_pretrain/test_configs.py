@@ -5,13 +5,13 @@ import os
 import pytest
 
 from detectron2.config import get_cfg
-from montage_pretrain.config import add_montage_config, assert_montage_cfg
+from montage_pretrain.config import add_montage_config, assert_montage_cfg, merge_config_file
 
 PROJECT = os.path.join(os.path.dirname(__file__), "..", "..", "projects", "MontagePretrain")
-PRETRAIN_CONFIGS = sorted(
-    p for p in glob.glob(os.path.join(PROJECT, "configs", "**", "*.yaml"), recursive=True)
-    if os.sep + "finetune" + os.sep not in p
-)
+ALL_CONFIGS = sorted(glob.glob(os.path.join(PROJECT, "configs", "**", "*.yaml"), recursive=True))
+PIXEL_FORMAT = os.path.join(PROJECT, "configs", "Base-RGB.yaml")
+PRETRAIN_CONFIGS = [p for p in ALL_CONFIGS
+                    if os.sep + "finetune" + os.sep not in p and p != PIXEL_FORMAT]
 
 
 def load(path):
@@ -30,6 +30,21 @@ def test_pretrain_config_loads(path, caplog):
     assert_montage_cfg(cfg, world_size=1)
     assert "BASE_LR" not in caplog.text  # every shipped LR is within 1.5x of the scaled paper LR
     assert cfg.MODEL.RESNETS.NORM != "SyncBN"  # fell back to BN on one process
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=os.path.basename)
+def test_every_config_inherits_the_one_pixel_format(path):
+    """Pre-training and fine-tuning configs take MODEL.PIXEL_* / INPUT.FORMAT from Base-RGB.yaml."""
+    with open(path) as f:
+        text = f.read()
+    if path != PIXEL_FORMAT:
+        assert "PIXEL_MEAN" not in text and "FORMAT:" not in text, "declare it in Base-RGB.yaml"
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    merge_config_file(cfg, path)
+    fmt = load(PIXEL_FORMAT)
+    assert (cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.INPUT.FORMAT) == (
+        fmt.MODEL.PIXEL_MEAN, fmt.MODEL.PIXEL_STD, "RGB")
 
 
 def test_paper_defaults():

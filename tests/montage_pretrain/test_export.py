@@ -12,9 +12,14 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone, build_model, build_resnet_backbone
-from montage_pretrain.config import add_montage_config
+from montage_pretrain.config import add_montage_config, merge_config_file
 from montage_pretrain.export import convert_state_dict, export_backbone, main
-from montage_pretrain.handoff import merge_config_file
+from montage_pretrain.export_format import (
+    FORMAT_VERSION,
+    default_export_name,
+    read_export,
+    settings_to_overrides,
+)
 
 FINETUNE = os.path.join(
     os.path.dirname(__file__), "..", "..", "projects", "MontagePretrain", "configs", "finetune"
@@ -117,7 +122,7 @@ def check_loaded(model, path, expected_prefixes):
 
 @pytest.fixture(scope="module")
 def r50_export(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("export") / "montage_backbone.pkl")
+    path = str(tmp_path_factory.mktemp("export") / default_export_name())
     model = randomised_model(50)
     summary = export_backbone(model, pretrain_cfg(50), path, iteration=123)
     return path, summary, model
@@ -161,6 +166,8 @@ def test_export_file_format(r50_export):
         data = pickle.load(f)
     assert data["__author__"] == "MontagePretrain" and data["matching_heuristics"] is True
     settings = data["montage"]
+    assert settings["format_version"] == FORMAT_VERSION
+    assert read_export(path).settings == settings  # what fine-tuning reads back
     assert settings["MODEL.PIXEL_MEAN"] == [123.675, 116.28, 103.53]
     assert settings["MODEL.PIXEL_STD"] == [58.395, 57.12, 57.375]
     assert settings["INPUT.FORMAT"] == "RGB"
@@ -171,7 +178,7 @@ def test_export_file_format(r50_export):
     assert summary["num_tensors"] == len(data["model"]) == 265  # 53 convs x 5
     # No temporary files left next to the export.
     assert sorted(os.listdir(os.path.dirname(path))) == [
-        "montage_backbone.pkl", "montage_backbone.pkl.yaml"
+        default_export_name(), default_export_name() + ".yaml"
     ]
 
 
@@ -181,6 +188,13 @@ def test_export_yaml_overrides(r50_export):
         overrides = yaml.safe_load(f)
     assert overrides["MODEL"]["RESNETS"]["NORM"] == "FrozenBN"
     assert overrides["MODEL"]["WEIGHTS"] == os.path.abspath(path)
+    # The sidecar holds exactly the overrides derived from the settings in the .pkl.
+    expected = settings_to_overrides(read_export(path).settings, os.path.abspath(path))
+    for key, value in expected.items():
+        node = overrides
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
     cfg = get_cfg()
     add_montage_config(cfg)
     merge_config_file(cfg, path + ".yaml")
@@ -225,7 +239,7 @@ def test_cli_from_trainer_checkpoint(tmp_path):
     ckpt = tmp_path / "model_final.pth"
     torch.save({"model": model.state_dict(), "iteration": 399, "trainer": {"iteration": 399}},
                ckpt)
-    out = tmp_path / "out" / "montage_backbone.pkl"
+    out = tmp_path / "out" / default_export_name()
     summary = main(["--config-file", str(config_file), "--checkpoint", str(ckpt),
                     "--out", str(out)])
     assert summary["settings"]["iteration"] == 399

@@ -1,5 +1,5 @@
 """
-Export of a Montage pre-trained backbone to a Detectron2 weight file.
+Export of a Montage pre-trained backbone to a Detectron2 weight file (the writing side).
 
 The file is what ``tools/convert-torchvision-to-d2.py`` writes: a pickle
 ``{"model": {bare name: np.ndarray}, "__author__": ..., "matching_heuristics": True}``. Bare names
@@ -8,12 +8,12 @@ The file is what ``tools/convert-torchvision-to-d2.py`` writes: a pickle
 (``backbone.res4.*`` and ``roi_heads.res5.*``) and the stock FPN models
 (``backbone.bottom_up.*``) from one file, by longest-suffix matching.
 
-Two extras make the hand-off checkable (:mod:`montage_pretrain.handoff`):
+Two extras make the hand-off checkable; their format is :mod:`montage_pretrain.export_format`:
 
 * ``"montage"``: the settings fine-tuning must match (pixel mean/std, input format, ResNet
   shape and stride placement, norm, backbone name, iteration);
 * ``<path>.yaml``: the same settings as config overrides, e.g.
-  ``scripts/finetune.py --config-file ... --weights-config <path>.yaml``.
+  ``projects/MontagePretrain/finetune_net.py --config-file ... --weights-config <path>.yaml``.
 
 Command line (``config.yaml`` is the one the pre-training run wrote to its OUTPUT_DIR)::
 
@@ -24,68 +24,35 @@ import argparse
 import logging
 import os
 import pickle
-import shlex
 import tempfile
 from collections import OrderedDict
 
 import numpy as np
 import torch
-import yaml
+
+from .config import add_montage_config
+from .export_format import (
+    AUTHOR,
+    SIDECAR_SUFFIX,
+    export_settings,
+    format_opts,
+    settings_to_overrides,
+    sidecar_yaml,
+)
 
 __all__ = [
     "BACKBONE_PREFIXES",
-    "SETTING_KEYS",
     "convert_state_dict",
     "export_backbone",
-    "export_settings",
-    "settings_to_overrides",
-    "format_opts",
     "parse_args",
     "main",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Version of the "montage" settings dict stored in the export.
-FORMAT_VERSION = 1
 # Prefixes stripped from pre-training names, longest first: an FPN backbone keeps its ResNet
 # under ``bottom_up``; DDP wraps everything in ``module``.
 BACKBONE_PREFIXES = ("backbone.bottom_up.", "backbone.")
-# Config keys fine-tuning must match, recorded in the export's "montage" dict.
-SETTING_KEYS = (
-    "MODEL.PIXEL_MEAN",
-    "MODEL.PIXEL_STD",
-    "INPUT.FORMAT",
-    "MODEL.RESNETS.STRIDE_IN_1X1",
-    "MODEL.RESNETS.DEPTH",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "MODEL.RESNETS.NUM_GROUPS",
-    "MODEL.RESNETS.WIDTH_PER_GROUP",
-    "MODEL.RESNETS.NORM",
-    "MODEL.BACKBONE.NAME",
-)
-# BN-family norms share the (weight, bias, running_mean, running_var) layout and hand over
-# to FrozenBN; GN carries no running statistics.
-BN_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "FrozenBN")
-
-
-def _cfg_get(cfg, dotted, default=None):
-    """Returns ``cfg.A.B.C`` for ``"A.B.C"``, or ``default`` when a level is absent."""
-    node = cfg
-    for part in dotted.split("."):
-        if part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def _to_plain(value):
-    """Turns yacs values (tuples, CfgNodes) into plain YAML/pickle-friendly Python values."""
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    return value
 
 
 def _to_numpy(tensor):
@@ -145,82 +112,6 @@ def convert_state_dict(state_dict):
     return converted, dropped
 
 
-def export_settings(cfg, iteration=None):
-    """
-    Returns the settings fine-tuning must match, read from the pre-training ``cfg``.
-
-    Args:
-        cfg (CfgNode): the pre-training config.
-        iteration (int or None): the pre-training iteration of the weights, if known.
-
-    Returns:
-        dict: dotted config key -> value, plus ``format_version`` and ``iteration``.
-    """
-    settings = {key: _to_plain(_cfg_get(cfg, key)) for key in SETTING_KEYS}
-    if "regnet" in str(settings["MODEL.BACKBONE.NAME"]).lower():
-        settings["MONTAGE.REGNET"] = _cfg_get(cfg, "MONTAGE.REGNET")
-    settings["format_version"] = FORMAT_VERSION
-    settings["iteration"] = None if iteration is None else int(iteration)
-    return settings
-
-
-def settings_to_overrides(settings, weights_path=None):
-    """
-    Returns the fine-tuning config overrides implied by export ``settings``.
-
-    A BN-family pre-training norm becomes ``FrozenBN`` (the paper freezes BN at the detection
-    stage); GN stays GN. The backbone name is not set: C4 or FPN is the fine-tuning choice.
-
-    Args:
-        settings (dict): from :func:`export_settings`.
-        weights_path (str or None): written as ``MODEL.WEIGHTS`` when given.
-
-    Returns:
-        dict: dotted key -> value, in a fixed order.
-    """
-    overrides = OrderedDict()
-    is_resnet = "resnet" in str(settings.get("MODEL.BACKBONE.NAME", "resnet"))
-    for key in SETTING_KEYS:
-        if key in ("MODEL.BACKBONE.NAME", "MODEL.RESNETS.NORM") or settings.get(key) is None:
-            continue
-        if key.startswith("MODEL.RESNETS.") and not is_resnet:
-            continue  # the ResNet shape keys do not apply (e.g. RegNet: MONTAGE.REGNET)
-        overrides[key] = settings[key]
-    norm = settings.get("MODEL.RESNETS.NORM")
-    if norm:
-        overrides["MODEL.RESNETS.NORM"] = "FrozenBN" if norm in BN_NORMS else norm
-    if settings.get("MONTAGE.REGNET"):
-        overrides["MONTAGE.REGNET"] = settings["MONTAGE.REGNET"]
-    if weights_path:
-        overrides["MODEL.WEIGHTS"] = weights_path
-    return overrides
-
-
-def format_opts(overrides):
-    """
-    Formats dotted overrides as shell-ready ``KEY VALUE`` pairs for Detectron2's ``opts``.
-
-    Example: ``MODEL.PIXEL_MEAN '[123.675, 116.28, 103.53]' INPUT.FORMAT RGB``.
-    """
-    parts = []
-    for key, value in overrides.items():
-        text = str(list(value)) if isinstance(value, (list, tuple)) else str(value)
-        parts.append(f"{key} {shlex.quote(text)}")
-    return " ".join(parts)
-
-
-def _nest(dotted_items):
-    """``{"A.B": 1}`` -> ``{"A": {"B": 1}}``."""
-    root = {}
-    for key, value in dotted_items.items():
-        node = root
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return root
-
-
 def _atomic_write(path, data, mode):
     """Writes ``data`` to a temporary file next to ``path`` and renames it into place."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -276,31 +167,23 @@ def export_backbone(model_or_state_dict, cfg, path, iteration=None):
         state_dict = model_or_state_dict
     weights, dropped = convert_state_dict(state_dict)
     _check_stages(weights)
-    if int(_cfg_get(cfg, "MODEL.BACKBONE.FREEZE_AT", 0) or 0) > 0:
+    freeze_at = cfg.MODEL.BACKBONE.get("FREEZE_AT", 0)
+    if int(freeze_at or 0) > 0:
         logger.warning(
             "The pre-training config has MODEL.BACKBONE.FREEZE_AT=%s: the frozen stages kept "
             "their random initialisation and are exported as such.",
-            _cfg_get(cfg, "MODEL.BACKBONE.FREEZE_AT"),
+            freeze_at,
         )
     settings = export_settings(cfg, iteration)
     data = {
         "model": weights,
-        "__author__": "MontagePretrain",
+        "__author__": AUTHOR,
         "matching_heuristics": True,
         "montage": settings,
     }
     _atomic_write(path, data, "wb")
-
-    yaml_path = path + ".yaml"
-    overrides = settings_to_overrides(settings, os.path.abspath(path))
-    header = (
-        "# Fine-tuning overrides for the Montage export {}\n"
-        "# (pre-training iteration: {}). Merge after the detector config, e.g.\n"
-        "#   scripts/finetune.py --config-file CFG --weights-config {}\n"
-        "# or pass the KEY VALUE pairs on the command line.\n"
-    ).format(os.path.basename(path), settings["iteration"], yaml_path)
-    body = yaml.safe_dump({**_nest(overrides), "VERSION": 2}, sort_keys=False)
-    _atomic_write(yaml_path, header + body, "w")
+    yaml_path = path + SIDECAR_SUFFIX
+    _atomic_write(yaml_path, sidecar_yaml(settings, path), "w")
     logger.info(
         "Exported %d backbone tensors to %s (+ %s); settings: %s",
         len(weights), path, yaml_path, {k: v for k, v in settings.items()},
@@ -334,8 +217,6 @@ def _load_checkpoint(path):
 def _load_cfg(config_file):
     """Merges the pre-training run's ``config.yaml`` into a fresh config."""
     from detectron2.config import get_cfg
-
-    from montage_pretrain.config import add_montage_config
 
     cfg = get_cfg()
     add_montage_config(cfg)

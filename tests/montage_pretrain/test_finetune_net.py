@@ -1,7 +1,12 @@
-"""scripts/finetune.py end to end on a tiny COCO dataset written here, from a random R-18 export."""
+"""
+finetune_net.py end to end on a tiny COCO dataset written here, from a random R-18 export; its
+setup checks; the export read once; every fine-tuning config loads.
+"""
+import glob
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 
@@ -9,12 +14,20 @@ import cv2
 import numpy as np
 import pytest
 
+from detectron2.config import get_cfg
+from montage_pretrain.config import add_montage_config, merge_config_file, resolve_model_zoo_path
+from montage_pretrain.export_format import default_export_name
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TOY_CONFIG = os.path.join(
-    ROOT, "projects", "MontagePretrain", "configs", "finetune", "demo",
-    "faster_rcnn_R_18_FPN_toy.yaml",
-)
+PROJECT = os.path.join(ROOT, "projects", "MontagePretrain")
+FINETUNE_NET = os.path.join(PROJECT, "finetune_net.py")
+FINETUNE = os.path.join(PROJECT, "configs", "finetune")
+TOY_CONFIG = os.path.join(FINETUNE, "demo", "faster_rcnn_R_18_FPN_toy.yaml")
 SCRATCH_CONFIG = TOY_CONFIG.replace("_toy.yaml", "_toy_scratch.yaml")
+LEAVES = sorted(
+    p for p in glob.glob(os.path.join(FINETUNE, "**", "*.yaml"), recursive=True)
+    if not os.path.basename(p).startswith("Base-")
+)
 # Tiny images, few proposals and 4 iterations: the whole run stays well under a minute.
 TINY = [
     "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128",
@@ -65,6 +78,11 @@ def write_tiny_coco(root, split, num_images, seed):
 
 
 @pytest.fixture(scope="module")
+def finetune_net(load_module):
+    return load_module("projects/MontagePretrain/finetune_net.py")
+
+
+@pytest.fixture(scope="module")
 def tiny_coco(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_coco")
     train = write_tiny_coco(root, "train", 6, seed=0)
@@ -72,13 +90,18 @@ def tiny_coco(tmp_path_factory):
     return train, val
 
 
-def run_finetune(config, tiny_coco, out_dir, *opts, extra_args=()):
+def tiny_args(tiny_coco, name):
+    """The dataset flags of ``tiny_coco``, registered as ``<name>_train/_val``."""
     (train_json, train_images), (val_json, val_images) = tiny_coco
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # see finetune.py
+    return ["--train-json", train_json, "--train-images", train_images,
+            "--val-json", val_json, "--val-images", val_images, "--dataset-name", name]
+
+
+def run_finetune(config, tiny_coco, out_dir, *opts, extra_args=()):
+    """Runs finetune_net.py as a command on ``tiny_coco`` with the TINY schedule."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # see finetune_net.py
     cmd = [
-        sys.executable, os.path.join(ROOT, "scripts", "finetune.py"), "--config-file", config,
-        "--train-json", train_json, "--train-images", train_images,
-        "--val-json", val_json, "--val-images", val_images, "--dataset-name", "tiny",
+        sys.executable, FINETUNE_NET, "--config-file", config, *tiny_args(tiny_coco, "tiny"),
         *extra_args, *TINY, "OUTPUT_DIR", str(out_dir), *opts,
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -116,28 +139,48 @@ def test_finetune_refuses_mismatched_pixel_format(tiny_coco, r18_export, tmp_pat
     assert not (tmp_path / "metrics_final.json").exists()
 
 
-def test_setup_checks_without_training(tiny_coco, tmp_path, load_script):
+def test_setup_checks_without_training(tiny_coco, tmp_path, finetune_net):
     """Scratch config sets up (GN, classes from data); FrozenBN without weights is refused."""
-    finetune = load_script("finetune")
-    (train_json, train_images), (val_json, val_images) = tiny_coco
-    base = ["--train-json", train_json, "--train-images", train_images,
-            "--val-json", val_json, "--val-images", val_images, "--dataset-name", "tiny_setup"]
-    args = finetune.parse_args(["--config-file", SCRATCH_CONFIG, *base,
-                                "OUTPUT_DIR", str(tmp_path / "scratch")])
-    cfg = finetune.setup(args)
+    base = tiny_args(tiny_coco, "tiny_setup")
+    args = finetune_net.parse_args(["--config-file", SCRATCH_CONFIG, *base,
+                                    "OUTPUT_DIR", str(tmp_path / "scratch")])
+    cfg = finetune_net.setup(args)
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3 and cfg.DATASETS.TRAIN == ("tiny_setup_train",)
     assert cfg.MODEL.RESNETS.NORM == "GN" and cfg.MODEL.WEIGHTS == ""
     assert (tmp_path / "scratch" / "config.yaml").is_file()
 
-    args = finetune.parse_args(["--config-file", TOY_CONFIG, *base, "MODEL.WEIGHTS", "",
-                                "MODEL.RESNETS.NORM", "FrozenBN",
-                                "OUTPUT_DIR", str(tmp_path / "frozen")])
+    args = finetune_net.parse_args(["--config-file", TOY_CONFIG, *base, "MODEL.WEIGHTS", "",
+                                    "MODEL.RESNETS.NORM", "FrozenBN",
+                                    "OUTPUT_DIR", str(tmp_path / "frozen")])
     with pytest.raises(ValueError, match="FrozenBN but MODEL.WEIGHTS is empty"):
-        finetune.setup(args)
-    args = finetune.parse_args(["--config-file", TOY_CONFIG, *base, "MODEL.WEIGHTS",
-                                str(tmp_path / "missing.pkl")])
+        finetune_net.setup(args)
+    args = finetune_net.parse_args(["--config-file", TOY_CONFIG, *base, "MODEL.WEIGHTS",
+                                    str(tmp_path / "missing.pkl")])
     with pytest.raises(FileNotFoundError, match="missing.pkl does not exist"):
-        finetune.setup(args)
+        finetune_net.setup(args)
+
+
+def test_export_is_unpickled_once(tiny_coco, make_r18_export, tmp_path, finetune_net,
+                                  monkeypatch):
+    """setup() reads the export for its check; the trainer loads it from that copy."""
+    export = make_r18_export(randomise=True)
+    reads = []
+    real_load = pickle.load
+
+    def counting_load(f, *args, **kwargs):
+        if os.path.realpath(getattr(f, "name", "")) == os.path.realpath(export):
+            reads.append(f.name)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(pickle, "load", counting_load)
+    args = finetune_net.parse_args(["--config-file", TOY_CONFIG, *tiny_args(tiny_coco, "tiny_once"),
+                                    *TINY, "MODEL.WEIGHTS", export, "OUTPUT_DIR", str(tmp_path)])
+    cfg = finetune_net.setup(args)
+    trainer = finetune_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    assert len(reads) == 1
+    assert trainer.load_summary["loaded"] == trainer.load_summary["total"] == 100
+    assert finetune_net.Trainer.export is None  # the in-memory copy is released after loading
 
 
 def test_builtin_coco_names_without_json_flags(tmp_path):
@@ -145,17 +188,17 @@ def test_builtin_coco_names_without_json_flags(tmp_path):
     coco = tmp_path / "coco"
     write_tiny_coco(coco, "train2017", 2, seed=3)
     write_tiny_coco(coco, "val2017", 2, seed=4)
+    # A fresh process: Detectron2 registers the builtin datasets at import, from the variable.
     code = (
-        "import sys; sys.path.insert(0, 'scripts'); import finetune; "
-        "cfg = finetune.setup(finetune.parse_args(sys.argv[1:])); "
+        "import runpy, sys; ft = runpy.run_path(sys.argv[1]); "
+        "cfg = ft['setup'](ft['parse_args'](sys.argv[2:])); "
         "print('DATA', cfg.DATASETS.TRAIN, cfg.DATASETS.TEST, cfg.MODEL.ROI_HEADS.NUM_CLASSES)"
     )
-    config = os.path.join(
-        os.path.dirname(TOY_CONFIG), "..", "scratch_faster_rcnn_R_50_FPN_1x_gn.yaml"
-    )
+    config = os.path.join(FINETUNE, "scratch_faster_rcnn_R_50_FPN_1x_gn.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                DETECTRON2_DATASETS=str(tmp_path))
-    cmd = [sys.executable, "-c", code, "--config-file", config, "OUTPUT_DIR", str(tmp_path / "o")]
+    cmd = [sys.executable, "-c", code, FINETUNE_NET, "--config-file", config,
+           "OUTPUT_DIR", str(tmp_path / "o")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DATA ('coco_2017_train',) ('coco_2017_val',) 80" in proc.stdout
@@ -165,3 +208,29 @@ def test_builtin_coco_names_without_json_flags(tmp_path):
     assert proc.returncode != 0
     assert "instances_train2017.json, which is missing" in proc.stderr
     assert "$DETECTRON2_DATASETS/coco" in proc.stderr
+
+
+# --- configs --------------------------------------------------------------------------------
+def test_model_zoo_prefix_unknown_config():
+    with pytest.raises(FileNotFoundError, match="no such stock config"):
+        resolve_model_zoo_path("model_zoo://COCO-Detection/nope.yaml")
+
+
+@pytest.mark.parametrize("path", LEAVES, ids=os.path.basename)
+def test_finetune_config_loads(path):
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    merge_config_file(cfg, path)
+    assert cfg.INPUT.FORMAT == "RGB"
+    assert list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.28, 103.53]
+    assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375]
+    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    if "scratch" in os.path.basename(path):
+        assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+        assert cfg.MODEL.RESNETS.NORM in ("GN", "BN", "SyncBN")
+    else:
+        assert cfg.MODEL.WEIGHTS.endswith(default_export_name())
+        # the CPU toy config trains BN from the export (FrozenBN diverged after minutes of
+        # pre-training); full-scale configs freeze it as the paper
+        toy = "toy" in os.path.basename(path)
+        assert cfg.MODEL.RESNETS.NORM == ("BN" if toy else "FrozenBN")

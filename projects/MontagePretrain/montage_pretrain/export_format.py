@@ -1,0 +1,352 @@
+"""
+The file format of a Montage backbone export and the settings contract it carries.
+
+An export is what ``tools/convert-torchvision-to-d2.py`` writes, plus one key: a pickle
+``{"model": {bare name: np.ndarray}, "__author__": "MontagePretrain", "matching_heuristics": True,
+"montage": settings}``. ``settings`` (:func:`export_settings`) are the config values fine-tuning
+must match: pixel mean/std, input format, ResNet shape and stride placement, norm, backbone name,
+plus ``format_version`` and the pre-training ``iteration``. Everything else derives from them:
+
+* the ``<export>.pkl.yaml`` sidecar (:func:`sidecar_yaml`): the same settings as fine-tuning
+  config overrides (:func:`settings_to_overrides`), merged with ``--weights-config``;
+* the check of a fine-tuning config against an export (:func:`check_export_settings`), whose
+  error names the fix as ``KEY VALUE`` pairs (:func:`format_opts`).
+
+:func:`read_export` unpickles a weight file once; :mod:`montage_pretrain.loading` loads the
+weights from that in-memory copy, so a fine-tuning run reads the file a single time.
+"""
+import logging
+import math
+import os
+import pickle
+import shlex
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import yaml
+
+from detectron2.config import CfgNode
+
+from .config import add_montage_config
+
+__all__ = [
+    "FORMAT_VERSION",
+    "AUTHOR",
+    "SETTING_KEYS",
+    "BN_NORMS",
+    "SIDECAR_SUFFIX",
+    "default_export_name",
+    "export_settings",
+    "settings_to_overrides",
+    "format_opts",
+    "sidecar_yaml",
+    "ExportFile",
+    "read_export",
+    "check_export_settings",
+]
+
+logger = logging.getLogger(__name__)
+
+# Version of the "montage" settings dict stored in the export.
+FORMAT_VERSION = 1
+# "__author__" of an export: with "model" it makes DetectionCheckpointer read the file as
+# Detectron2 format (without it a .pkl is taken for Caffe2 blobs).
+AUTHOR = "MontagePretrain"
+# Config keys fine-tuning must match, recorded in the export's "montage" dict.
+SETTING_KEYS = (
+    "MODEL.PIXEL_MEAN",
+    "MODEL.PIXEL_STD",
+    "INPUT.FORMAT",
+    "MODEL.RESNETS.STRIDE_IN_1X1",
+    "MODEL.RESNETS.DEPTH",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "MODEL.RESNETS.NUM_GROUPS",
+    "MODEL.RESNETS.WIDTH_PER_GROUP",
+    "MODEL.RESNETS.NORM",
+    "MODEL.BACKBONE.NAME",
+)
+# BN-family norms share the (weight, bias, running_mean, running_var) layout and hand over
+# to FrozenBN; GN carries no running statistics.
+BN_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "FrozenBN")
+# The fine-tuning overrides are written next to the export as <export>.pkl.yaml.
+SIDECAR_SUFFIX = ".yaml"
+# Settings compared only when both sides build a ResNet.
+_RESNET_KEYS = tuple(
+    k for k in SETTING_KEYS if k.startswith("MODEL.RESNETS.") and k != "MODEL.RESNETS.NORM"
+)
+
+
+def default_export_name():
+    """Returns the default ``MONTAGE.EXPORT_NAME``: the file name pre-training exports to."""
+    cfg = CfgNode()
+    add_montage_config(cfg)
+    return cfg.MONTAGE.EXPORT_NAME
+
+
+def _cfg_get(cfg, dotted, default=None):
+    """Returns ``cfg.A.B.C`` for ``"A.B.C"``, or ``default`` when a level is absent."""
+    node = cfg
+    for part in dotted.split("."):
+        if part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _to_plain(value):
+    """Turns yacs values (tuples, numpy scalars) into plain YAML/pickle-friendly values."""
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+def export_settings(cfg, iteration=None):
+    """
+    Returns the settings fine-tuning must match, read from the pre-training ``cfg``.
+
+    Args:
+        cfg (CfgNode): the pre-training config.
+        iteration (int or None): the pre-training iteration of the weights, if known.
+
+    Returns:
+        dict: dotted config key -> value, plus ``format_version`` and ``iteration``.
+    """
+    settings = {key: _to_plain(_cfg_get(cfg, key)) for key in SETTING_KEYS}
+    if "regnet" in str(settings["MODEL.BACKBONE.NAME"]).lower():
+        settings["MONTAGE.REGNET"] = _cfg_get(cfg, "MONTAGE.REGNET")
+    settings["format_version"] = FORMAT_VERSION
+    settings["iteration"] = None if iteration is None else int(iteration)
+    return settings
+
+
+def settings_to_overrides(settings, weights_path=None):
+    """
+    Returns the fine-tuning config overrides implied by export ``settings``.
+
+    A BN-family pre-training norm becomes ``FrozenBN`` (the paper freezes BN at the detection
+    stage); GN stays GN. The backbone name is not set: C4 or FPN is the fine-tuning choice.
+
+    Args:
+        settings (dict): from :func:`export_settings`.
+        weights_path (str or None): written as ``MODEL.WEIGHTS`` when given.
+
+    Returns:
+        dict: dotted key -> value, in a fixed order.
+    """
+    overrides = OrderedDict()
+    is_resnet = "resnet" in str(settings.get("MODEL.BACKBONE.NAME", "resnet"))
+    for key in SETTING_KEYS:
+        if key in ("MODEL.BACKBONE.NAME", "MODEL.RESNETS.NORM") or settings.get(key) is None:
+            continue
+        if key.startswith("MODEL.RESNETS.") and not is_resnet:
+            continue  # the ResNet shape keys do not apply (e.g. RegNet: MONTAGE.REGNET)
+        overrides[key] = settings[key]
+    norm = settings.get("MODEL.RESNETS.NORM")
+    if norm:
+        overrides["MODEL.RESNETS.NORM"] = "FrozenBN" if norm in BN_NORMS else norm
+    if settings.get("MONTAGE.REGNET"):
+        overrides["MONTAGE.REGNET"] = settings["MONTAGE.REGNET"]
+    if weights_path:
+        overrides["MODEL.WEIGHTS"] = weights_path
+    return overrides
+
+
+def format_opts(overrides):
+    """
+    Formats dotted overrides as shell-ready ``KEY VALUE`` pairs for Detectron2's ``opts``.
+
+    Example: ``MODEL.PIXEL_MEAN '[123.675, 116.28, 103.53]' INPUT.FORMAT RGB``.
+    """
+    parts = []
+    for key, value in overrides.items():
+        text = str(list(value)) if isinstance(value, (list, tuple)) else str(value)
+        parts.append(f"{key} {shlex.quote(text)}")
+    return " ".join(parts)
+
+
+def _nest(dotted_items):
+    """``{"A.B": 1}`` -> ``{"A": {"B": 1}}``."""
+    root = {}
+    for key, value in dotted_items.items():
+        node = root
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return root
+
+
+def sidecar_yaml(settings, path):
+    """
+    Returns the text of ``<path>.yaml``: the fine-tuning overrides of ``settings`` as a config.
+
+    Args:
+        settings (dict): from :func:`export_settings`.
+        path (str): the export's ``.pkl`` path, written (absolute) as ``MODEL.WEIGHTS``.
+    """
+    overrides = settings_to_overrides(settings, os.path.abspath(path))
+    header = (
+        "# Fine-tuning overrides for the Montage export {}\n"
+        "# (pre-training iteration: {}). Merge after the detector config, e.g.\n"
+        "#   projects/MontagePretrain/finetune_net.py --config-file CFG --weights-config {}\n"
+        "# or pass the KEY VALUE pairs on the command line.\n"
+    ).format(os.path.basename(path), settings.get("iteration"), path + SIDECAR_SUFFIX)
+    return header + yaml.safe_dump({**_nest(overrides), "VERSION": 2}, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportFile:
+    """
+    A ``.pkl`` weight file read into memory.
+
+    Attributes:
+        path (str): the file, as given to :func:`read_export`.
+        checkpoint (dict): ``{"model", "__author__", "matching_heuristics", ...}``, i.e. what
+            ``DetectionCheckpointer._load_file`` makes of the file. Treat it as read-only.
+        settings (dict or None): the ``"montage"`` settings; None for any other weight file
+            (MSRA, torchvision conversions, Caffe2 blobs).
+    """
+
+    path: str
+    checkpoint: dict
+    settings: dict = None
+
+    @property
+    def weights(self):
+        """dict[str, np.ndarray]: the weights under their (bare) file names."""
+        return self.checkpoint["model"]
+
+
+def read_export(path):
+    """
+    Unpickles a ``.pkl`` weight file once: weights plus, for a Montage export, its settings.
+
+    The file is read as ``DetectionCheckpointer`` reads a ``.pkl``: a dict with ``model`` and
+    ``__author__`` is Detectron2 format; anything else is taken for Caffe2 / Detectron1 blobs
+    (``_momentum`` entries dropped, ``matching_heuristics`` set).
+
+    Args:
+        path (str): a local ``.pkl`` file, e.g. ``MODEL.WEIGHTS``.
+
+    Returns:
+        ExportFile: ``settings`` is None unless the file is a Montage export.
+    """
+    if not path.endswith(".pkl"):
+        raise ValueError(f"{path}: read_export reads .pkl weight files (Detectron2 format)")
+    with open(path, "rb") as f:
+        data = pickle.load(f, encoding="latin1")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a dict of weights")
+    if "model" in data and "__author__" in data:
+        checkpoint = data
+    else:  # same conversion as DetectionCheckpointer._load_file
+        blobs = data.get("blobs", data)
+        checkpoint = {
+            "model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
+            "__author__": "Caffe2",
+            "matching_heuristics": True,
+        }
+    settings = data.get("montage")
+    return ExportFile(path, checkpoint, settings if isinstance(settings, dict) else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a fine-tuning config
+# ---------------------------------------------------------------------------------------------
+def _backbone_family(name):
+    """``build_resnet_fpn_backbone`` -> ``resnet``: C4/FPN wrappers share the bottom-up net."""
+    name = str(name or "")
+    for piece in ("build_", "_fpn", "_backbone"):
+        name = name.replace(piece, "")
+    return name
+
+
+def _same(a, b):
+    """Compares config values; float sequences with a tolerance."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-4)
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def _fmt(value):
+    return str(list(value)) if isinstance(value, (list, tuple)) else repr(value)
+
+
+def check_export_settings(cfg, export):
+    """
+    Checks that a fine-tuning ``cfg`` matches the settings recorded in a Montage export.
+
+    Files without settings (MSRA, torchvision conversions, full checkpoints) are not checked.
+    Norms are compared by family: a BN/SyncBN pre-training hands over to BN/SyncBN/FrozenBN,
+    a GN one only to GN.
+
+    Args:
+        cfg (CfgNode): the fine-tuning config.
+        export (ExportFile): from :func:`read_export` on ``MODEL.WEIGHTS``.
+
+    Returns:
+        dict or None: the export's settings, or None when the file has none.
+
+    Raises:
+        ValueError: one line naming each mismatching key, both values and the fix.
+    """
+    settings = export.settings
+    if settings is None:
+        return None
+    family = _backbone_family(settings.get("MODEL.BACKBONE.NAME"))
+    mismatches = []
+    cfg_family = _backbone_family(cfg.MODEL.BACKBONE.NAME)
+    if family and cfg_family != family:
+        mismatches.append(
+            f"MODEL.BACKBONE.NAME is {cfg.MODEL.BACKBONE.NAME!r} in the config but the export is "
+            f"a {settings.get('MODEL.BACKBONE.NAME')!r} backbone"
+        )
+    keys = ["MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT"]
+    if family == "resnet":
+        keys += list(_RESNET_KEYS)
+    if "MONTAGE.REGNET" in settings:
+        keys.append("MONTAGE.REGNET")
+    for key in keys:
+        if key not in settings or settings[key] is None:
+            continue
+        have = _cfg_get(cfg, key)
+        if not _same(have, settings[key]):
+            mismatches.append(
+                f"{key} is {_fmt(have)} in the config but {_fmt(settings[key])} in the export"
+            )
+    want_norm = settings.get("MODEL.RESNETS.NORM")
+    have_norm = cfg.MODEL.RESNETS.NORM
+    if want_norm and (want_norm in BN_NORMS) != (have_norm in BN_NORMS):
+        mismatches.append(
+            f"MODEL.RESNETS.NORM is {have_norm!r} in the config but the export was pre-trained "
+            f"with {want_norm!r}"
+        )
+    elif want_norm and want_norm not in BN_NORMS and have_norm != want_norm:
+        mismatches.append(
+            f"MODEL.RESNETS.NORM is {have_norm!r} in the config but {want_norm!r} in the export"
+        )
+    if mismatches:
+        fix = format_opts(settings_to_overrides(settings))
+        raise ValueError(
+            f"{export.path} does not match the fine-tuning config: " + "; ".join(mismatches)
+            + f". Fix: pass --weights-config {export.path}{SIDECAR_SUFFIX}, or set {fix}"
+        )
+    logger.info(
+        "Pixel format and backbone shape match the export %s (pre-training iteration %s)",
+        export.path, settings.get("iteration"),
+    )
+    return settings
