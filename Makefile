@@ -28,7 +28,7 @@ FINETUNE_SCRATCH_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster
 FINETUNE_OPTS   ?=
 QUICK       ?= 0#                                   1 = smoke-sized make compare / bench
 
-.PHONY: help setup test toy samples pretrain finetune demo bench bench-gpu compare clean
+.PHONY: help setup test toy samples pretrain finetune demo bench bench-gpu gpu-kit compare clean
 
 help: ## list targets and variables
 	@echo "Targets:"; grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sed 's/^/  /'
@@ -77,6 +77,9 @@ bench: setup ## CPU benchmarks: builder vs decode floor, host data path, step (E
 bench-gpu: setup ## full-size model / step / loader throughput on the current CUDA device
 	$(PY) scripts/benchmark.py --task host,model,step,loader --size full \
 	    --json output/bench/gpu.jsonl
+
+gpu-kit: setup ## write .gpu-kit/ (wheels, Detectron2, chess) for scripts/gpu_check.sh on a lent GPU
+	PYTHON=$(PY) bash scripts/make_gpu_kit.sh
 
 compare: setup ## the paper's comparison at small scale (QUICK=1 for a smoke run)
 	$(PY) scripts/compare.py --quick $(QUICK) --out output/compare

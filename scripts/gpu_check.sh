@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# The one command to run on a lent GPU machine (device tool, carry [".gpu-kit"], `make gpu-kit`):
+#
+#     bash scripts/gpu_check.sh $OUT             # on the device, < 9 min
+#     bash scripts/gpu_check.sh OUT --dry-run    # here, on the CPU, tiny sizes (part of make test)
+#
+# Set-up (skipped by --dry-run, which uses $PYTHON as it is): a venv with --system-site-packages
+# (keeps the machine's torch), the kit's wheels installed offline, Detectron2's Python tree from
+# the kit's registry wheel (scripts/install_detectron2.sh), this project in editable mode.
+# Then steps, each under its own time cap, each writing its JSON to OUT as soon as it ends, so a
+# later failure or the device's time limit loses nothing:
+#   env.json         versions, GPU
+#   tests.json       the test suite on the device (CUDA-only tests included), failures listed
+#   bench.jsonl      scripts/benchmark.py: full-size model / step / loader (one line per task)
+#   experiment.json  chess (or toy) -> bank -> Montage-ERF pre-training sized from the measured
+#                    step rate -> export -> R-18 FPN fine-tuning from the export and from scratch
+#                    (same schedule, run side by side on the GPU) -> COCO AP of both on valid
+#   steps.json       each step's exit code, wall and cap; gpu_check.log: everything printed
+# At most 8 files come back from OUT; intermediate files stay in $WORK.
+set -uo pipefail
+OUT=${1:?usage: bash scripts/gpu_check.sh OUT [--dry-run]}
+DRY=0
+[ "${2:-}" = "--dry-run" ] && DRY=1
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+KIT=${GPU_KIT:-$ROOT/.gpu-kit}
+WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1
+log() { echo "[gpu_check $(date +%T)] $*"; }
+
+if [ $DRY = 1 ]; then
+  # Tiny sizes on the CPU: the same steps and files, known to work before GPU time is spent.
+  PY=${PYTHON:-python}
+  CAP_TESTS=120 CAP_BENCH=150 CAP_EXP=300
+  BENCH_ARGS=(--task host,step,loader --size tiny --workers 1)
+  TEST_ARGS=(tests/montage_pretrain/test_montage.py -k "cuda or assemble")
+  PRE_BATCH=4 PRE_SIZE=96 PRE_WORKERS=0 PRE_SECONDS=0 PRE_MIN_ITER=4 PRE_MAX_ITER=4
+  FT_ITER=4 FT_BATCH=2 FT_WORKERS=0 DEVICE=cpu AMP=False
+else
+  CAP_TESTS=${CAP_TESTS:-120} CAP_BENCH=${CAP_BENCH:-130} CAP_EXP=${CAP_EXP:-240}
+  BENCH_ARGS=(--task host,model,step,loader --size full --workers 16)
+  TEST_ARGS=(tests --deselect tests/scripts/test_gpu_check.py)
+  # The paper's 512 montages at 224 px; iterations from the measured rate (below).
+  PRE_BATCH=512 PRE_SIZE=224 PRE_WORKERS=12 PRE_SECONDS=${PRE_SECONDS:-75}
+  PRE_MIN_ITER=50 PRE_MAX_ITER=3000
+  FT_ITER=${FT_ITER:-500} FT_BATCH=16 FT_WORKERS=6 DEVICE=cuda AMP=True
+  log "set-up: venv with the machine's torch + the kit ($KIT)"
+  [ -d "$KIT/wheels" ] || { log "no kit at $KIT: run make gpu-kit here and carry .gpu-kit"; exit 2; }
+  BASE_PY=${GPU_PYTHON:-python3}
+  $BASE_PY -m venv --system-site-packages --without-pip "$WORK/venv" || exit 2
+  PY=$WORK/venv/bin/python
+  # The machine's python3 may itself be a venv (/opt/torch/.venv): a venv made from it sees the
+  # base interpreter's packages, not its own. Listing its site-packages in a .pth keeps torch
+  # (and pip, setuptools) visible; the venv's own packages come first.
+  $BASE_PY -c "import site; print('\n'.join(site.getsitepackages()))" \
+    > "$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine_site.pth"
+  $PY -m pip install -q --no-index --no-deps "$KIT"/wheels/*.whl || exit 2
+  PYTHON=$PY DETECTRON2_WHEEL_DIR=$KIT bash scripts/install_detectron2.sh || exit 2
+  $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 2
+fi
+
+STEPS=()
+record_step() {  # name rc wall cap -> steps.json (rewritten after every step)
+  STEPS+=("{\"step\": \"$1\", \"rc\": $2, \"wall_s\": $3, \"cap_s\": $4}")
+  (IFS=,; echo "[${STEPS[*]}]") > "$OUT/steps.json"
+}
+run_step() {  # name cap command... : runs under `timeout`, records its status
+  local name=$1 cap=$2; shift 2
+  local cmd="$*"
+  [ ${#cmd} -le 300 ] || cmd="${cmd:0:120} ..."
+  log "step $name (cap ${cap}s): $cmd"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$cap" "$@"
+  local rc=$?
+  record_step "$name" "$rc" $((SECONDS - t0)) "$cap"
+  log "step $name: rc $rc in $((SECONDS - t0))s"
+  return $rc
+}
+
+# -- env ---------------------------------------------------------------------------------------
+run_step env 60 $PY - "$OUT/env.json" <<'PY'
+import json, platform, subprocess, sys
+import torch, torchvision
+import detectron2
+info = {"python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "detectron2": detectron2.__version__,
+        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpus": __import__("os").cpu_count()}
+try:
+    info["nvidia_smi"] = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                        timeout=20).stdout.strip()
+except (OSError, subprocess.SubprocessError):
+    info["nvidia_smi"] = None
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(info))
+PY
+
+# -- a. the test suite on the device -----------------------------------------------------------
+run_step tests "$CAP_TESTS" $PY -m pytest -q -p no:cacheprovider "${TEST_ARGS[@]}" \
+  --junitxml="$WORK/junit.xml"
+$PY - "$WORK/junit.xml" "$OUT/tests.json" <<'PY'
+import json, sys, xml.etree.ElementTree as ET
+out = {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "skips": []}
+try:
+    cases = ET.parse(sys.argv[1]).getroot().iter("testcase")
+except (OSError, ET.ParseError) as e:
+    out["error"] = f"no junit report ({e}): the step was killed or did not start"
+    cases = []
+for case in cases:
+    name = f"{case.get('classname')}::{case.get('name')}"
+    bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+    skip = case.find("skipped")
+    if bad is not None:
+        out["failed"] += 1
+        out["failures"].append({"test": name, "message": (bad.get("message") or "")[:500]})
+    elif skip is not None:
+        out["skipped"] += 1
+        out["skips"].append({"test": name, "reason": (skip.get("message") or "")[:200]})
+    else:
+        out["passed"] += 1
+json.dump(out, open(sys.argv[2], "w"), indent=1)
+print({k: out[k] for k in ("passed", "failed", "skipped")})
+PY
+
+# -- b. throughput -----------------------------------------------------------------------------
+run_step bench "$CAP_BENCH" $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --json "$OUT/bench.jsonl"
+
+# -- c. a short real experiment ----------------------------------------------------------------
+experiment() {
+  local data train_json train_dir val_json val_dir rate iters
+  if [ -f "$KIT/data/chess/train/_annotations.coco.json" ] && [ $DRY = 0 ]; then
+    data=chess
+    train_json=$KIT/data/chess/train/_annotations.coco.json train_dir=$KIT/data/chess/train
+    val_json=$KIT/data/chess/valid/_annotations.coco.json val_dir=$KIT/data/chess/valid
+    FT_SIZE=(INPUT.MIN_SIZE_TRAIN "(428,)" INPUT.MAX_SIZE_TRAIN 640 INPUT.MIN_SIZE_TEST 428
+             INPUT.MAX_SIZE_TEST 640)
+  else
+    data=toy
+    if [ $DRY = 1 ]; then set -- --num-train 12 --num-val 4; else set -- ; fi
+    $PY scripts/make_toy_coco.py --out "$WORK/toy" "$@" >/dev/null || return 1
+    train_json=$WORK/toy/annotations/instances_train.json train_dir=$WORK/toy/train
+    val_json=$WORK/toy/annotations/instances_val.json val_dir=$WORK/toy/val
+    FT_SIZE=()
+  fi
+  log "experiment on $data"
+  $PY -m builder build --annotations "$train_json" --images "$train_dir" --out "$WORK/bank.h5" \
+    --workers "$([ $DRY = 1 ] && echo 1 || echo 8)" --overwrite || return 1
+  # Pre-training length: PRE_SECONDS at the full step rate the benchmark measured (R-50, so
+  # the R-18 run here ends early rather than late).
+  rate=$($PY -c "
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r['task'] == 'step' and r.get('results'):
+        print(r['results']['b_full']['montages_per_s']); break
+" "$OUT/bench.jsonl" 2>/dev/null)
+  iters=$($PY -c "
+import sys; rate = float(sys.argv[1] or 0); s, b, lo, hi = (float(x) for x in sys.argv[2:])
+print(int(min(max(s * rate / b if rate else 300, lo), hi)))
+" "${rate:-}" "$PRE_SECONDS" "$PRE_BATCH" "$PRE_MIN_ITER" "$PRE_MAX_ITER")
+  log "pre-training: $iters iterations x $PRE_BATCH montages (measured rate ${rate:-n/a}/s)"
+  local lr warm erf
+  lr=$($PY -c "print(0.8 * $PRE_BATCH / 512)")
+  warm=$(( iters / 10 > 1 ? iters / 10 : 1 ))
+  erf=$(( iters / 2 > 1 ? iters / 2 : 1 ))
+  local t0=$SECONDS
+  $PY projects/MontagePretrain/train_net.py \
+    --config-file projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml \
+    MONTAGE.BANK "$WORK/bank.h5" OUTPUT_DIR "$WORK/pretrain" MODEL.DEVICE $DEVICE SEED 0 \
+    SOLVER.IMS_PER_BATCH $PRE_BATCH SOLVER.BASE_LR "$lr" SOLVER.MAX_ITER "$iters" \
+    SOLVER.WARMUP_ITERS $warm SOLVER.CHECKPOINT_PERIOD 1000000 SOLVER.AMP.ENABLED $AMP \
+    MONTAGE.INPUT_SIZE $PRE_SIZE MONTAGE.CHANNELS_LAST $AMP MONTAGE.ERF_PERIOD $erf \
+    DATALOADER.NUM_WORKERS $PRE_WORKERS TEST.PRECISE_BN.NUM_ITER 5 \
+    > "$WORK/pretrain.log" 2>&1 || { tail -20 "$WORK/pretrain.log"; return 1; }
+  local pre_s=$((SECONDS - t0))
+  local export_path
+  export_path=$(ls "$WORK"/pretrain/*.pkl | head -1)
+  # The two fine-tunings share the GPU, side by side: same schedule, seed and data.
+  local common=(--train-json "$train_json" --train-images "$train_dir" --val-json "$val_json"
+                --val-images "$val_dir" SEED 0 MODEL.DEVICE $DEVICE SOLVER.MAX_ITER $FT_ITER
+                SOLVER.STEPS "($((FT_ITER * 4 / 5)),)" SOLVER.WARMUP_ITERS $((FT_ITER / 10 + 1))
+                SOLVER.IMS_PER_BATCH $FT_BATCH SOLVER.BASE_LR "$($PY -c "print(0.01 * $FT_BATCH / 4)")"
+                DATALOADER.NUM_WORKERS $FT_WORKERS "${FT_SIZE[@]}")
+  t0=$SECONDS
+  $PY projects/MontagePretrain/finetune_net.py --config-file \
+    projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml \
+    "${common[@]}" MODEL.WEIGHTS "$export_path" OUTPUT_DIR "$WORK/ft_montage" \
+    > "$WORK/ft_montage.log" 2>&1 &
+  local pid=$!
+  $PY projects/MontagePretrain/finetune_net.py --config-file \
+    projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml \
+    "${common[@]}" MODEL.WEIGHTS "" OUTPUT_DIR "$WORK/ft_scratch" > "$WORK/ft_scratch.log" 2>&1
+  local rc_scratch=$?
+  wait $pid
+  local rc_montage=$?
+  local ft_s=$((SECONDS - t0))
+  [ $rc_montage = 0 ] || tail -20 "$WORK/ft_montage.log"
+  [ $rc_scratch = 0 ] || tail -20 "$WORK/ft_scratch.log"
+  $PY - "$OUT/experiment.json" "$WORK" "$data" "$iters" "$PRE_BATCH" "$PRE_SIZE" "$pre_s" \
+      "$FT_ITER" "$FT_BATCH" "$ft_s" "${rate:-}" <<'PY'
+import json, os, sys
+out, work, data, iters, batch, size, pre_s, ft_iter, ft_batch, ft_s, rate = sys.argv[1:]
+from builder.info import summarize_bank
+bank = summarize_bank(os.path.join(work, "bank.h5"))
+rec = {"data": data, "bank": {k: bank[k] for k in ("num_samples", "positives", "negatives")},
+       "pretrain": {"config": "configs/demo/montage_R_18_toy.yaml", "iterations": int(iters),
+                    "montages_per_iter": int(batch), "input_size": int(size),
+                    "wall_s": int(pre_s), "rate_used": float(rate) if rate else None},
+       "finetune": {"iterations": int(ft_iter), "ims_per_batch": int(ft_batch),
+                    "wall_s_both": int(ft_s)}}
+metrics = os.path.join(work, "pretrain", "metrics.json")
+if os.path.isfile(metrics):
+    last = [json.loads(l) for l in open(metrics) if "montage/crop_acc" in l]
+    if last:
+        rec["pretrain"]["crop_acc_last"] = last[-1]["montage/crop_acc"]
+for arm in ("montage", "scratch"):
+    path = os.path.join(work, f"ft_{arm}", "metrics_final.json")
+    rec[arm] = json.load(open(path)) if os.path.isfile(path) else {"error": "no metrics_final.json"}
+json.dump(rec, open(out, "w"), indent=1)
+for arm in ("montage", "scratch"):
+    print(arm, (rec[arm].get("bbox") or rec[arm]))
+PY
+  [ $rc_montage = 0 ] && [ $rc_scratch = 0 ]
+}
+run_step experiment "$CAP_EXP" bash -c "$(declare -f experiment log); $(declare -p \
+  KIT WORK OUT DRY PY PRE_BATCH PRE_SIZE PRE_WORKERS PRE_SECONDS PRE_MIN_ITER PRE_MAX_ITER \
+  FT_ITER FT_BATCH FT_WORKERS DEVICE AMP); experiment"
+
+log "done: $(ls "$OUT" | tr '\n' ' ')"
+$PY -c "
+import json, sys
+steps = json.load(open(sys.argv[1]))
+bad = [s['step'] for s in steps if s['rc'] != 0]
+print('steps failed:', bad or 'none'); sys.exit(1 if bad else 0)
+" "$OUT/steps.json"

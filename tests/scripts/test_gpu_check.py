@@ -1,0 +1,34 @@
+"""scripts/gpu_check.sh --dry-run: the device run's every step, at tiny sizes on the CPU."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def test_gpu_check_dry_run_writes_every_result(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               GPU_CHECK_WORK=str(tmp_path / "work"))
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--dry-run"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    # At most 8 files come back from the device's $OUT.
+    assert sorted(os.listdir(out)) == ["bench.jsonl", "env.json", "experiment.json",
+                                       "gpu_check.log", "steps.json", "tests.json"]
+    steps = json.loads((out / "steps.json").read_text())
+    assert [s["step"] for s in steps] == ["env", "tests", "bench", "experiment"]
+    assert all(s["rc"] == 0 and s["wall_s"] <= s["cap_s"] for s in steps)
+    assert json.loads((out / "env.json").read_text())["torch"]
+    tests = json.loads((out / "tests.json").read_text())
+    assert tests["failed"] == 0 and tests["passed"] + tests["skipped"] > 0
+    tasks = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    assert {t["task"] for t in tasks} == {"host", "step", "loader"}
+    assert all(t["error"] is None for t in tasks)
+    exp = json.loads((out / "experiment.json").read_text())
+    assert exp["bank"]["num_samples"] > 0 and exp["pretrain"]["iterations"] == 4
+    for arm in ("montage", "scratch"):
+        assert exp[arm]["bbox"]["AP"] is not None and exp[arm]["iterations_run"] == 4
+    assert exp["montage"]["backbone_tensors_loaded"] > 0  # fine-tuned from the export
+    assert "backbone_tensors_loaded" not in exp["scratch"]
