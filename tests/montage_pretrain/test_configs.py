@@ -111,3 +111,35 @@ def test_lr_far_above_linear_scaling_warns(caplog):
     assert_montage_cfg(cfg, world_size=1)
     lines = [r.getMessage() for r in caplog.records if "BASE_LR" in r.getMessage()]
     assert len(lines) == 1 and "4.0x" in lines[0] and "\n" not in lines[0]
+
+
+@pytest.mark.parametrize("pretrain,finetune", [
+    ("montage_R_50.yaml", "faster_rcnn_R_50_C4_1x_montage.yaml"),
+    ("montage_R_50.yaml", "faster_rcnn_R_50_FPN_1x_montage.yaml"),
+    ("montage_R_101.yaml", "faster_rcnn_R_101_C4_1x_montage.yaml"),
+    ("montage_X101_32x4d.yaml", "faster_rcnn_X_101_32x4d_C4_1x_montage.yaml"),
+])
+def test_finetune_config_matches_its_pretraining_export(pretrain, finetune):
+    """Each fine-tuning leaf accepts what its pre-training config records in the export."""
+    from montage_pretrain.export_format import ExportFile, check_export_settings, export_settings
+
+    pre = load(os.path.join(PROJECT, "configs", pretrain))
+    pre.MONTAGE.BANK = "bank.h5"
+    assert_montage_cfg(pre, world_size=1)
+    export = ExportFile("x.pkl", {"model": {}}, export_settings(pre, iteration=1))
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    merge_config_file(cfg, os.path.join(PROJECT, "configs", "finetune", finetune))
+    assert check_export_settings(cfg, export) is not None
+    cfg.MODEL.RESNETS.NUM_GROUPS = 8  # a shape the export does not have: one-line error
+    with pytest.raises(ValueError, match="NUM_GROUPS"):
+        check_export_settings(cfg, export)
+
+
+def test_scratch_c4_twin_uses_gn_in_backbone_and_head():
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    merge_config_file(cfg, os.path.join(PROJECT, "configs", "finetune",
+                                        "scratch_faster_rcnn_R_50_C4_1x_gn.yaml"))
+    assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads" and cfg.MODEL.RESNETS.NORM == "GN"
+    assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0

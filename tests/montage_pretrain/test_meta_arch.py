@@ -108,3 +108,30 @@ def test_channels_last_gives_the_same_loss(bank_path):
     b.load_state_dict(a.state_dict())
     batch = batch_of(bank_path, 2)
     assert torch.allclose(a(batch), b(batch), atol=1e-4)
+
+
+def test_bn_calibrated_from_the_erf_montages_before_the_first_erf(bank_path):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(bank_path)).train()
+    bn = model.backbone.stem.conv1.norm
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))  # random init
+    batch = batch_of(bank_path, 3)
+    model.refresh_erf_weights(batch, iteration=0)
+    # The stem BN now holds the exact batch statistics of its input on those montages.
+    model.eval()
+    with torch.no_grad():
+        images = model.make_images(batch)  # eval mode: no augmentation, the same montages
+        pre = torch.nn.functional.conv2d(images, model.backbone.stem.conv1.weight, None, 2, 3)
+    assert torch.allclose(bn.running_mean, pre.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(bn.running_var, pre.var((0, 2, 3), unbiased=True), rtol=1e-3)
+    # Once statistics exist (after training steps or this calibration), they are kept.
+    before = bn.running_mean.clone()
+    assert model._calibrate_bn(images) is False
+    model.refresh_erf_weights(batch, iteration=3)
+    assert torch.equal(bn.running_mean, before)
+
+
+def test_single_trains_on_random_resized_crops(bank_path):
+    cfg = tiny_cfg(bank_path, "single", **{"MONTAGE.AUG.SINGLE_AREA": (0.5, 0.9)})
+    model = build_model(cfg)
+    assert model.single_aug == {"area": (0.5, 0.9), "ratio": (3 / 4, 4 / 3)}

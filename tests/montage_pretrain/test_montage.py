@@ -309,3 +309,37 @@ def test_cuda_assembly_never_syncs(hm):
     cpu = assemble_montages(crops.cpu(), sizes.cpu(), t, generator=torch.Generator().manual_seed(2))
     gpu = assemble_montages(crops, sizes, t, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-2)
+
+
+def test_single_random_resized_crop_windows():
+    """"w/o Montage" trains on ImageNet-style random-resized crops: window area and aspect."""
+    crops, sizes = _padded(SIZES, _ramp)
+    # area 1 with the crop's own aspect: the whole crop, warped to the square canvas.
+    for i, (h, w) in enumerate(SIZES):
+        out = assemble_single(crops[i:i + 1], sizes[i:i + 1], 32, flip=False, area=(1.0, 1.0),
+                              ratio=(w / h, w / h))
+        dy = out[0, 0, 1:, :].sub(out[0, 0, :-1, :])[1:-1, 1:-1]
+        dx = out[0, 0, :, 1:].sub(out[0, 0, :, :-1])[1:-1, 1:-1]
+        assert torch.allclose(dy, torch.full_like(dy, h / 32), atol=1e-3), (h, w)
+        assert torch.allclose(dx, torch.full_like(dx, w / 32), atol=1e-3), (h, w)
+    # A quarter of a square crop at aspect 1: a 15 px window of the 30 px crop, inside it.
+    g = torch.Generator().manual_seed(0)
+    out = assemble_single(crops[:1], sizes[:1], 32, flip=False, area=(0.25, 0.25),
+                          ratio=(1.0, 1.0), generator=g)
+    dy = out[0, 0, 1:, :].sub(out[0, 0, :-1, :])[1:-1, 1:-1]
+    assert torch.allclose(dy, torch.full_like(dy, 15 / 32), atol=1e-3)
+    assert out.min() >= 0 and out.max() <= 2 * 29
+
+
+def test_single_random_resized_crop_never_reads_padding_and_checks_args():
+    crops, sizes = _padded(SIZES, lambda i, h, w: 90)
+    garbage = crops.clone()
+    for i, (h, w) in enumerate(SIZES):
+        garbage[i, :, h:, :] = 255
+        garbage[i, :, :, w:] = 255
+    kw = dict(area=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    a = assemble_single(crops, sizes, 40, generator=torch.Generator().manual_seed(4), **kw)
+    b = assemble_single(garbage, sizes, 40, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(a, b) and torch.allclose(a, torch.full_like(a, 90.0), atol=1e-3)
+    with pytest.raises(ValueError, match="area"):
+        assemble_single(crops, sizes, 40, area=(0.0, 1.0))

@@ -35,6 +35,9 @@ def add_montage_config(cfg):
     _C.MONTAGE.TAU = 0.7
     # Refresh the ERF weights every ERF_PERIOD iterations (0 = only once, before training).
     _C.MONTAGE.ERF_PERIOD = 5000
+    # Before the first ERF (random init), set BN running statistics from the ERF montages
+    # themselves (eval-mode BN would otherwise normalise with the initial 0 / 1).
+    _C.MONTAGE.ERF_CALIBRATE_BN = True
     # Montages averaged to estimate the ERF maps G^{jk}.
     _C.MONTAGE.ERF_NUM_IMAGES = 8
     # Images per forward/backward chunk when computing the ERF (memory bound).
@@ -55,6 +58,10 @@ def add_montage_config(cfg):
     _C.MONTAGE.AUG.SCALE_JITTER = (1.0, 1.25)
     # Strength of per-crop brightness/contrast/saturation jitter (0 = off).
     _C.MONTAGE.AUG.COLOR_JITTER = 0.0
+    # LOSS "single" ("w/o Montage") trains like an ImageNet classifier: random-resized crops of
+    # SINGLE_AREA of the crop's area and aspect (w/h) in SINGLE_RATIO, resized to the canvas.
+    _C.MONTAGE.AUG.SINGLE_AREA = (0.08, 1.0)
+    _C.MONTAGE.AUG.SINGLE_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
     # RegNet preset when MODEL.BACKBONE.NAME is build_montage_regnet_backbone (backbones.py).
     _C.MONTAGE.REGNET = "RegNetX-4GF"

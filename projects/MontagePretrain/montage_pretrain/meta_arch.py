@@ -57,6 +57,9 @@ class MontageClassifier(nn.Module):
         color_jitter=0.0,
         erf_chunk=64,
         channels_last=False,
+        single_area=(0.08, 1.0),
+        single_ratio=(3 / 4, 4 / 3),
+        erf_calibrate_bn=True,
     ):
         """
         Args:
@@ -70,6 +73,8 @@ class MontageClassifier(nn.Module):
             flip, scale_jitter, color_jitter: per-crop augmentation (see ``assemble_montages``).
             erf_chunk (int): images per forward/backward pass when computing ERF maps.
             channels_last (bool): run the backbone in channels_last memory format.
+            single_area, single_ratio: the random-resized crop of loss "single" in training.
+            erf_calibrate_bn (bool): see :meth:`refresh_erf_weights`.
         """
         super().__init__()
         if loss not in LOSSES:
@@ -86,6 +91,8 @@ class MontageClassifier(nn.Module):
         self.aug = dict(flip=flip, scale_jitter=tuple(scale_jitter), color_jitter=color_jitter)
         self.erf_chunk = erf_chunk
         self.channels_last = channels_last
+        self.single_aug = dict(area=tuple(single_area), ratio=tuple(single_ratio))
+        self.erf_calibrate_bn = erf_calibrate_bn
 
         self.head = nn.Conv2d(shape.channels, num_classes + 1, kernel_size=1)
         nn.init.normal_(self.head.weight, std=0.01)
@@ -121,6 +128,9 @@ class MontageClassifier(nn.Module):
             "color_jitter": cfg.MONTAGE.AUG.COLOR_JITTER,
             "erf_chunk": cfg.MONTAGE.ERF_CHUNK,
             "channels_last": cfg.MONTAGE.CHANNELS_LAST,
+            "single_area": cfg.MONTAGE.AUG.SINGLE_AREA,
+            "single_ratio": cfg.MONTAGE.AUG.SINGLE_RATIO,
+            "erf_calibrate_bn": cfg.MONTAGE.ERF_CALIBRATE_BN,
         }
 
     @property
@@ -149,7 +159,8 @@ class MontageClassifier(nn.Module):
         sizes = batch["sizes"]
         aug = self.aug if self.training else dict(flip=False, scale_jitter=(1.0, 1.0))
         if self.loss_name == "single":
-            images = assemble_single(crops, sizes, self.template.size, **aug)
+            single = self.single_aug if self.training else {}
+            images = assemble_single(crops, sizes, self.template.size, **aug, **single)
         else:
             images = assemble_montages(crops, sizes, self.template, **aug)
         images = (images - self.pixel_mean) / self.pixel_std
@@ -198,6 +209,35 @@ class MontageClassifier(nn.Module):
             pred = pooled.argmax(-1)
         storage.put_scalar("montage/crop_acc", (pred == labels).float().mean().item())
 
+    @torch.no_grad()
+    def _calibrate_bn(self, images):
+        """
+        Sets the running statistics of the backbone's BN layers to the exact mean of their batch
+        statistics over ``images``, if no BN layer has seen a batch yet (random init: running
+        mean 0 / var 1 would make eval-mode BN the identity, unlike any trained state). Later
+        refreshes use the statistics training accumulated. Returns True if it calibrated.
+        """
+        bns = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats]
+        if not bns or any(int(m.num_batches_tracked) > 0 for m in bns):
+            return False
+        momenta = [m.momentum for m in bns]
+        was_training = self.backbone.training
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the chunks
+            self.backbone.train()
+            for chunk in images.split(max(self.erf_chunk, 1)):
+                self.backbone(chunk)
+        finally:
+            for m, momentum in zip(bns, momenta):
+                m.momentum = momentum
+            self.backbone.train(was_training)
+        logger.info("BN running statistics calibrated on %d montages before the first ERF",
+                    len(images))
+        return True
+
     def refresh_erf_weights(self, batch, iteration):
         """
         Recomputes ``erf_weights`` (Eq. 2) from the ERF of the current network.
@@ -205,7 +245,8 @@ class MontageClassifier(nn.Module):
         Each feature position's ERF map is the input-gradient magnitude of its output, averaged
         over the montages of ``batch``; the network runs in eval mode so that the images of a
         batch are independent (BN uses its running statistics), which is what lets one batched
-        backward pass compute many positions' ERFs at once.
+        backward pass compute many positions' ERFs at once. A never-trained network's BN
+        running statistics are first set from the batch (:meth:`_calibrate_bn`).
 
         Args:
             batch (dict): montage batch as in :meth:`forward`.
@@ -215,6 +256,8 @@ class MontageClassifier(nn.Module):
         self.eval()
         try:
             images = self.make_images(batch)
+            if self.erf_calibrate_bn:
+                self._calibrate_bn(images)
             maps = compute_erf_maps(
                 lambda x: self.backbone(x)[self.in_feature], images, chunk=self.erf_chunk
             )

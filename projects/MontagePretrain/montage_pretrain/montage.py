@@ -283,6 +283,39 @@ def _cover_crop(x, sizes, index, out_hw, flip, scale_jitter, color_jitter, gener
     return out
 
 
+def _random_resized_crop(x, sizes, index, out_hw, flip, area, ratio, color_jitter, generator,
+                         max_sampling_ratio):
+    """
+    ImageNet-style random-resized crop of crops ``index`` of ``x`` to ``out_hw`` (one roi_align):
+    a window of U(area) of the crop's area and log-uniform aspect (w/h) in ``ratio`` at a uniform
+    random position, resampled to the output (warping, as an ImageNet classifier's input).
+    torchvision retries up to 10 draws until the window fits; here a window side larger than the
+    crop is clamped to it instead (batched, no retries). roi_align with ``sampling_ratio=0``
+    antialiases each axis by its own scale.
+
+    Returns:
+        Tensor: (len(index), 3, rh, rw) float32, 0..255.
+    """
+    rh, rw = out_hw
+    n, dev = index.numel(), x.device
+    hw = sizes[index].float()
+    h, w = hw[:, 0], hw[:, 1]
+    frac = _uniform(n, area[0], area[1], generator, dev)
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, dev)
+    oy, ox = _uniform(n, 0.0, 1.0, generator, dev), _uniform(n, 0.0, 1.0, generator, dev)
+    coin = _uniform(n, 0.0, 1.0, generator, dev) < 0.5
+    a, r = frac * h * w, torch.exp(log_r)
+    win_w, win_h = torch.sqrt(a * r).clamp(max=w), torch.sqrt(a / r).clamp(max=h)
+    y0, x0 = oy * (h - win_h), ox * (w - win_w)
+    boxes = torch.stack([index.to(dev).float(), x0, y0, x0 + win_w, y0 + win_h], dim=1)
+    out = _resample(x, boxes, (rh, rw), torch.maximum(win_h / rh, win_w / rw), max_sampling_ratio)
+    if flip:
+        out = torch.where(coin.view(n, 1, 1, 1), out.flip(-1), out)
+    if color_jitter > 0:
+        out = _color_jitter(out, color_jitter, generator)
+    return out
+
+
 def _check_jitter(scale_jitter):
     lo, hi = float(scale_jitter[0]), float(scale_jitter[1])
     if not 1.0 <= lo <= hi:
@@ -337,19 +370,32 @@ def assemble_montages(crops, sizes, template, *, flip=True, scale_jitter=(1.0, 1
 
 def assemble_single(crops, sizes, input_size, *, flip=True, scale_jitter=(1.0, 1.25),
                     color_jitter=0.0, generator=None, max_sampling_ratio=MAX_SAMPLING_RATIO,
-                    validate=None):
+                    validate=None, area=None, ratio=(3 / 4, 4 / 3)):
     """
-    The no-montage baseline: cover-crops one crop per image into the whole S x S canvas.
+    The no-montage baseline ("w/o Montage"): one crop per image fills the whole S x S canvas.
 
     Args:
         crops (Tensor): uint8 (B, 3, Hm, Wm), padded; sizes (Tensor): int64 (B, 2).
         input_size (int): canvas side S. Other arguments as in :func:`assemble_montages`.
+        area (tuple[float, float] or None): None: cover-crop (scale to cover the canvas, no
+            warping, centre-ish window; what evaluation uses). Else an ImageNet-style
+            random-resized crop (:func:`_random_resized_crop`) of U(area) of the crop's area and
+            aspect in ``ratio``, as an ImageNet classifier is trained (training uses it; a tall
+            or wide crop would keep only ~1/5 of itself under a square cover-crop).
 
     Returns:
         Tensor: (B, 3, S, S) float32 in 0..255.
     """
-    jitter = _check_jitter(scale_jitter)
     x, sizes = _prepare(crops, sizes, validate)
     index = torch.arange(crops.shape[0], device=crops.device)
-    return _cover_crop(x, sizes, index, (int(input_size),) * 2, flip, jitter, color_jitter,
-                       generator, max_sampling_ratio)
+    out_hw = (int(input_size),) * 2
+    if area is not None:
+        lo, hi = float(area[0]), float(area[1])
+        if not 0.0 < lo <= hi <= 1.0 or not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"area={tuple(area)} ratio={tuple(ratio)}: need 0 < lo <= hi <= 1 "
+                             "and 0 < ratio lo <= hi (e.g. (0.08, 1.0) and (0.75, 1.333))")
+        return _random_resized_crop(x, sizes, index, out_hw, flip, (lo, hi), tuple(ratio),
+                                    color_jitter, generator, max_sampling_ratio)
+    jitter = _check_jitter(scale_jitter)
+    return _cover_crop(x, sizes, index, out_hw, flip, jitter, color_jitter, generator,
+                       max_sampling_ratio)
