@@ -27,6 +27,24 @@ FINETUNE_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_
 FINETUNE_SCRATCH_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml
 FINETUNE_OPTS   ?=
 QUICK       ?= 0#                                   1 = smoke-sized make compare / bench
+# --- make compare: DATASET, or a dataset by path when TRAIN_JSON/TRAIN_IMAGES/VAL_JSON/VAL_IMAGES
+# (or DATA_ROOT) are given on the command line; empty = the default of scripts/compare.py ----------
+DATASET     ?= toy#                                 compare: preset toy|coco_tiny|chess (comma list ok)
+EVAL_SPLIT  ?= valid#                               compare: a preset's eval split: valid, or test (chess; final tables only)
+COMPARE_NAME?=#                                     compare: results key of a dataset by path (default: its folder)
+ARMS        ?=#                                     compare: comma list of scratch,single,global,blockwise,erf (default all; coco_tiny scratch,erf)
+SEEDS       ?=#                                     compare: comma list of seeds (default 0,1; QUICK=1: 0)
+PRETRAIN_ITERS ?=#                                  compare: pre-training iterations (default 150; QUICK=1: 12)
+FINETUNE_ITERS ?=#                                  compare: fine-tuning iterations (default 200, coco_tiny 100; QUICK=1: 12)
+INPUT_SIZE  ?=#                                     compare: montage canvas px, MONTAGE.INPUT_SIZE (default 128)
+FT_MIN_SIZE ?=#                                     compare: fine-tuning shorter side, INPUT.MIN_SIZE_TRAIN/TEST, MAX_SIZE scaled (default toy 224, else 320)
+FROZEN      ?= 0#                                   compare: 1 = also fine-tune with the backbone frozen (FREEZE_AT 5)
+PROBES      ?= 1#                                   compare: 0 = skip the kNN / linear probes (scripts/probe.py)
+SCRATCH_LONG?= 0#                                   compare: 1 (= erf) or an arm: add scratch_long, fine-tuned for that arm's total CPU time (Table 3)
+COMPARE_THREADS ?= 1#                               compare: OMP/MKL/torch threads of every step (pinned, recorded)
+COMPARE_WORKERS ?= 1#                               compare: DATALOADER.NUM_WORKERS, 0 or 1 (pinned, recorded)
+COMPARE_OUT ?= output/compare#                      compare: results.json, table.md, charts, runs; shareable by processes
+_CMP_BY_PATH = $(filter-out file default undefined,$(foreach v,DATA_ROOT TRAIN_JSON TRAIN_IMAGES VAL_JSON VAL_IMAGES,$(origin $(v))))
 
 .PHONY: help setup test toy samples pretrain finetune demo bench bench-gpu gpu-kit compare clean
 
@@ -81,8 +99,18 @@ bench-gpu: setup ## full-size model / step / loader throughput on the current CU
 gpu-kit: setup ## write .gpu-kit/ (wheels, Detectron2, chess) for scripts/gpu_check.sh on a lent GPU
 	PYTHON=$(PY) bash scripts/make_gpu_kit.sh
 
-compare: setup ## the paper's comparison at small scale (QUICK=1 for a smoke run)
-	$(PY) scripts/compare.py --quick $(QUICK) --out output/compare
+compare: setup ## will Montage help on this data? arms vs scratch over SEEDS: paired AP, probes (QUICK=1: smoke)
+	OMP_NUM_THREADS=$(COMPARE_THREADS) MKL_NUM_THREADS=$(COMPARE_THREADS) $(PY) scripts/compare.py \
+	    --quick $(QUICK) --out $(COMPARE_OUT) $(if $(_CMP_BY_PATH),--train-json $(TRAIN_JSON) \
+	    --train-images $(TRAIN_IMAGES) --val-json $(VAL_JSON) --val-images $(VAL_IMAGES) \
+	    $(if $(COMPARE_NAME),--name $(COMPARE_NAME)),--dataset $(DATASET) --eval-split $(EVAL_SPLIT)) \
+	    $(if $(ARMS),--arms $(ARMS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+	    $(if $(PRETRAIN_ITERS),--pretrain-iters $(PRETRAIN_ITERS)) \
+	    $(if $(FINETUNE_ITERS),--finetune-iters $(FINETUNE_ITERS)) \
+	    $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) $(if $(FT_MIN_SIZE),--ft-min-size $(FT_MIN_SIZE)) \
+	    $(if $(filter 1,$(FROZEN)),--frozen) $(if $(filter 0,$(PROBES)),--no-probes) \
+	    $(if $(filter-out 0,$(SCRATCH_LONG)),--table3 $(if $(filter 1,$(SCRATCH_LONG)),erf,$(SCRATCH_LONG))) \
+	    --threads $(COMPARE_THREADS) --workers $(COMPARE_WORKERS) --bank-workers $(WORKERS)
 
 clean: ## remove outputs and caches (keeps the venv)
 	rm -rf output .pytest_cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """
-The paper's central comparison at a size a CPU machine can run (``make compare``).
+Will Montage pre-training help on this dataset? The paper's comparison on any COCO-format
+dataset, at a size a CPU machine can run (``make compare``).
 
 At equal pre-training compute (same iterations x montages x canvas: the same backbone passes
 over the same number of pixels), the same detector is fine-tuned with the same schedule from
@@ -10,18 +11,45 @@ over the same number of pixels), the same detector is fine-tuned with the same s
 3. Montage + global label (``global``), 4. Montage + block-wise (``blockwise``),
 5. Montage + ERF-adaptive dense classification, tau = 0.7 (``erf``),
 
-for every seed and dataset; prints one table (mean and spread over seeds of AP, AP50, AP75,
-pre-training and fine-tuning CPU-seconds) and writes ``results.json``, ``table.md`` and
-``compare_<dataset>.png`` under ``--out``. Finished runs are skipped, so an interrupted
-comparison continues where it stopped; processes with different ``--seeds`` can share ``--out``.
+for every seed. Per arm and seed it measures full fine-tuning AP; the frozen-backbone kNN and
+linear probes of the export (``scripts/probe.py``; random init for ``scratch``), once per
+pre-training; with ``--frozen`` the AP of the detector trained with the backbone frozen
+(``MODEL.BACKBONE.FREEZE_AT 5``: FPN and heads train); with ``--table3`` a ``scratch_long`` arm
+fine-tuned for the total CPU time (pre-training + fine-tuning) of a Montage arm on the same seed,
+the paper's Table 3 view. Every metric is reported as mean ± std over seeds and as the paired
+difference to ``scratch`` on the same seed (mean [min, max] and per seed).
 
-    python scripts/compare.py --out output/compare              # full size
-    python scripts/compare.py --out output/compare_quick --quick 1   # smoke size
+Data: ``--train-json/--train-images/--val-json/--val-images`` (+ ``--name``), or a preset
+``--dataset`` (``toy``: built-in, ``coco_tiny`` and ``chess``: from ../shared/data); a preset's
+evaluation split is ``--eval-split`` (``valid``; ``test`` is for final tables: it evaluates the
+already trained detectors, nothing is retrained).
+
+Output under ``--out``: ``results.json``, ``table.md`` (the printed tables), ``compare_<name>.png``,
+``banks/`` (one bank per training json) and ``<name>/<arm>/seed<N>/<step>-<sid>/`` per step (its
+``stdout.log``, Detectron2's config.yaml / log.txt / metrics, the export or model_final.pth).
+``results.json`` maps ``<name>/<arm>/seed<N>/<step>@<sid>`` (step: pretrain, probe, finetune,
+frozen) to a record: ``settings`` (all that decides the result: training-json sha1, pinned runtime
+- threads, loader workers, cuDNN flags -, configs, iterations, sizes, the pre-training's settings)
+and ``sid``, its hash; ``command`` (with the thread variables), ``wall_s``, ``cpu_s``,
+``environment`` (versions, git commit and dirty flag, host), ``config_sha1`` (the resolved config
+without per-run keys), and ``metrics`` per evaluation split (key: val-json sha1[:10]; AP, AP50,
+AP75, APs/m/l, or the probes' ``res4``/``res5`` top-1 %). Records with equal sid are
+comparable; a step whose record is there is skipped, so an interrupted comparison continues where
+it stopped, and processes with different ``--seeds`` can share ``--out`` (merged under a lock).
+
+    python scripts/compare.py --out output/compare                        # toy, full size
+    python scripts/compare.py --out output/compare_quick --quick 1        # smoke size
+    python scripts/compare.py --dataset chess --seeds 0,1,2 --frozen --table3
 """
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,40 +59,143 @@ from collections import defaultdict
 from montage_pretrain.export_format import default_export_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROJECT = os.path.join(ROOT, "projects", "MontagePretrain")
-PRETRAIN_CONFIG = os.path.join(PROJECT, "configs/demo/montage_R_18_toy.yaml")
-FINETUNE_CONFIG = os.path.join(PROJECT, "configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml")
-SCRATCH_CONFIG = os.path.join(PROJECT, "configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml")
+PROJECT = "projects/MontagePretrain"
+PRETRAIN_CONFIG = f"{PROJECT}/configs/demo/montage_R_18_toy.yaml"
+FINETUNE_CONFIG = f"{PROJECT}/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml"
+SCRATCH_CONFIG = f"{PROJECT}/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml"
+PROBE_SCRIPT = "scripts/probe.py"
 # train_net.py exports OUTPUT_DIR/MONTAGE.EXPORT_NAME; these pre-training runs keep the default.
 EXPORT_NAME = default_export_name()
 VARIANTS = ("scratch", "single", "global", "blockwise", "erf")
-COCO_TINY = os.path.join(ROOT, "..", "shared", "data", "coco_tiny")
+ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:]
+SHARED = os.path.join(ROOT, "..", "shared", "data")
 
-# iterations: (pre-training, fine-tuning); montages per pre-training step come from the config
-# The full size is what projects/MontagePretrain/README.md reports (measured: ~80 min for toy
-# plus ~35 min for coco_tiny on 2 CPU cores, two processes, one per seed). coco_tiny fine-tunes
-# ~2x slower per iteration (larger images), so it gets half the iterations and only the two
-# rows that matter most (scratch, erf).
-SIZES = {0: dict(pretrain_iters=150, finetune_iters=dict(toy=200, coco_tiny=100), seeds=(0, 1),
-                 variants=dict(toy=VARIANTS, coco_tiny=("scratch", "erf"))),
-         1: dict(pretrain_iters=12, finetune_iters=dict(toy=12, coco_tiny=12), seeds=(0,),
-                 variants=dict(toy=VARIANTS, coco_tiny=VARIANTS))}
-# coco_tiny images are ~640x480: fine-tune at ~320 px so the CPU schedule stays short.
-COCO_INPUT = ["INPUT.MIN_SIZE_TRAIN", "(288, 320, 352)", "INPUT.MAX_SIZE_TRAIN", "533",
-              "INPUT.MIN_SIZE_TEST", "320", "INPUT.MAX_SIZE_TEST", "533"]
+# Preset defaults: fine-tuning iterations, fine-tuning shorter side, arms. coco_tiny fine-tunes
+# ~2x slower per iteration (larger images): half the iterations and the two rows that matter.
+PRESETS = {
+    "toy": dict(finetune_iters=200, ft_min_size=224, arms=VARIANTS, splits=("valid",)),
+    "coco_tiny": dict(finetune_iters=100, ft_min_size=320, arms=("scratch", "erf"),
+                      splits=("valid",)),
+    "chess": dict(finetune_iters=200, ft_min_size=320, arms=VARIANTS, splits=("valid", "test")),
+}
+BY_PATH = dict(finetune_iters=200, ft_min_size=320, arms=VARIANTS)
+# Full size (QUICK=0) and smoke size (QUICK=1); montages per pre-training step: the config's 16.
+# Probes at smoke size use the first 300 boxes per split.
+SIZES = {0: dict(pretrain_iters=150, seeds=(0, 1), input_size=128, probe_max_boxes=None),
+         1: dict(pretrain_iters=12, finetune_iters=12, seeds=(0,), input_size=128,
+                 probe_max_boxes=300)}
+
+# (key, column label, table) of every reported metric, in column order.
+METRICS = [("AP", "AP", "det"), ("AP50", "AP50", "det"), ("AP75", "AP75", "det"),
+           ("frozen_AP", "frozen AP", "det"), ("frozen_AP50", "frozen AP50", "det"),
+           ("res4_knn", "res4 kNN", "probe"), ("res4_linear", "res4 linear", "probe"),
+           ("res5_knn", "res5 kNN", "probe"), ("res5_linear", "res5 linear", "probe")]
 
 
-def run(cmd, log_path):
-    """Runs ``cmd`` with its output in ``log_path``; returns (wall s, CPU s of it and its children)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n  see {log_path}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return time.time() - start, cpu
+# ---------------------------------------------------------------------------------------------
+# Arguments and datasets
+# ---------------------------------------------------------------------------------------------
+def parse_list(text, kind=str):
+    """``"0,1, 2"`` -> [0, 1, 2] (with ``kind=int``); "" -> []."""
+    return [kind(t) for t in re.split(r"[,\s]+", text.strip()) if t]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="output/compare")
+    p.add_argument("--quick", type=int, default=0, choices=(0, 1), help="1 = smoke size")
+    d = p.add_argument_group("data: a preset, or a COCO-format dataset by path")
+    d.add_argument("--dataset", "--datasets", nargs="+", default=None,
+                   help=f"preset(s), comma list of {','.join(PRESETS)} (default toy)")
+    d.add_argument("--eval-split", default="valid", type=lambda s: "valid" if s == "val" else s,
+                   help="a preset's evaluation split: valid (decisions) or test (final tables, "
+                        "chess); the detectors trained for valid are evaluated, not retrained")
+    for flag in ("train-json", "train-images", "val-json", "val-images"):
+        d.add_argument(f"--{flag}", default="")
+    d.add_argument("--name", default="", help="results key of a dataset by path "
+                   "(default: its folder name)")
+    d.add_argument("--coco-categories", type=int, default=10,
+                   help="coco_tiny: keep the N most frequent categories")
+    r = p.add_argument_group("what runs (default: by --quick and the dataset)")
+    r.add_argument("--arms", "--variants", nargs="+", default=[],
+                   help=f"comma list of {','.join(VARIANTS)}")
+    r.add_argument("--seeds", nargs="+", default=[], help="comma list of ints")
+    r.add_argument("--pretrain-iters", type=int, default=None)
+    r.add_argument("--finetune-iters", type=int, default=None)
+    r.add_argument("--input-size", type=int, default=None, help="montage canvas (px)")
+    r.add_argument("--ft-min-size", type=int, default=None,
+                   help="fine-tuning shorter side (INPUT.MIN_SIZE_*; MAX_SIZE scaled)")
+    r.add_argument("--no-probes", action="store_true", help="skip the kNN / linear probes")
+    r.add_argument("--frozen", action="store_true",
+                   help="add a fine-tuning with the backbone frozen per arm and seed")
+    r.add_argument("--table3", nargs="?", const="erf", default=None, metavar="ARM",
+                   help="add scratch_long: fine-tuned for the total CPU time of ARM (erf)")
+    e = p.add_argument_group("pinned runtime (recorded with every run)")
+    e.add_argument("--threads", type=int, default=1, help="OMP/MKL/torch threads per step")
+    e.add_argument("--workers", type=int, default=1, choices=(0, 1),
+                   help="DATALOADER.NUM_WORKERS of pre-training and fine-tuning")
+    e.add_argument("--bank-workers", type=int, default=1, help="builder processes")
+    args = p.parse_args(argv)
+
+    by_path = [args.train_json, args.train_images, args.val_json, args.val_images]
+    if any(by_path):
+        if not all(by_path):
+            p.error("a dataset by path needs all of --train-json --train-images --val-json "
+                    "--val-images")
+        if args.dataset:
+            p.error("give either --dataset or --train-json/..., not both")
+    args.datasets = [] if any(by_path) else parse_list(" ".join(args.dataset or ["toy"]))
+    for name in args.datasets:
+        if name not in PRESETS:
+            p.error(f"unknown --dataset {name}; presets: {', '.join(PRESETS)}")
+    args.arms = parse_list(" ".join(args.arms))
+    for arm in args.arms:
+        if arm not in VARIANTS:
+            p.error(f"unknown arm {arm}; arms: {', '.join(VARIANTS)} (scratch_long: --table3)")
+    try:
+        args.seeds = parse_list(" ".join(args.seeds), int)
+    except ValueError:
+        p.error(f"--seeds {args.seeds}: a comma list of integers, e.g. 0,1,2")
+    if args.table3 and args.table3 not in VARIANTS[1:]:
+        p.error(f"--table3 takes a pre-trained arm ({', '.join(VARIANTS[1:])})")
+    return args
+
+
+def dataset_name(train_json):
+    """A results key for a dataset by path: the first folder above the json that is not a
+    split or ``annotations`` (``../shared/data/chess/train/x.json`` -> ``chess``)."""
+    generic = {"annotations", "annotation", "train", "training", "valid", "val", "validation",
+               "test", "images", "train2017", "val2017", "data", "."}
+    parts = os.path.normpath(os.path.abspath(train_json)).split(os.sep)[:-1]
+    name = next((p for p in reversed(parts) if p and p.lower() not in generic), "custom")
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _sha1(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _category_names(json_file):
+    with open(json_file) as f:
+        return [c["name"] for c in sorted(json.load(f)["categories"], key=lambda c: c["id"])]
+
+
+@contextlib.contextmanager
+def _dir_lock(folder):
+    """Exclusive lock on ``folder`` (flock on the directory itself: leaves no file behind)."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def subset_coco(src_json, dst_json, keep):
@@ -77,151 +208,550 @@ def subset_coco(src_json, dst_json, keep):
     d["annotations"] = anns
     d["categories"] = [c for c in d["categories"] if c["id"] in keep]
     os.makedirs(os.path.dirname(dst_json), exist_ok=True)
-    with open(dst_json, "w") as f:
+    tmp = f"{dst_json}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(d, f)
+    os.replace(tmp, dst_json)
     return len(d["images"]), len(anns)
 
 
-def prepare_datasets(names, out, num_categories):
-    """Returns {name: dict(train_json, train_images, val_json, val_images, note)}."""
-    py, data = sys.executable, {}
-    for name in names:
-        if name == "toy":
-            root = os.path.join(out, "data", "toy")
+def preset_paths(name, out, split, num_categories):
+    """(train_json, train_images, val_json, val_images, note) of a preset; None when missing."""
+    if split not in PRESETS[name]["splits"]:
+        raise SystemExit(f"--eval-split {split}: {name} has {', '.join(PRESETS[name]['splits'])}")
+    if name == "toy":
+        root = os.path.join(out, "data", "toy")
+        with _dir_lock(os.path.join(out, "data")):
             if not os.path.isfile(os.path.join(root, "annotations", "instances_val.json")):
-                subprocess.run([py, "scripts/make_toy_coco.py", "--out", root, "--seed", "0"],
-                               cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-            data[name] = dict(
-                train_json=f"{root}/annotations/instances_train.json", train_images=f"{root}/train",
-                val_json=f"{root}/annotations/instances_val.json", val_images=f"{root}/val",
-                note="built-in toy dataset, 10 categories")
-        elif name == "coco_tiny":
-            src = os.path.abspath(COCO_TINY)
-            if not os.path.isdir(src):
-                print(f"skipping coco_tiny: {src} not found")
-                continue
-            with open(f"{src}/annotations/instances_train2017.json") as f:
-                counts = defaultdict(int)
-                for a in json.load(f)["annotations"]:
-                    counts[a["category_id"]] += 1
-            keep = set(sorted(counts, key=lambda c: -counts[c])[:num_categories])
-            root = os.path.join(out, "data", f"coco_tiny_top{num_categories}")
-            n_tr = subset_coco(f"{src}/annotations/instances_train2017.json",
-                               f"{root}/train.json", keep)
-            n_va = subset_coco(f"{src}/annotations/instances_val2017.json", f"{root}/val.json", keep)
-            data[name] = dict(
-                train_json=f"{root}/train.json", train_images=f"{src}/train2017",
-                val_json=f"{root}/val.json", val_images=f"{src}/val2017",
-                note=f"coco_tiny restricted to its {num_categories} most frequent categories "
-                     f"(train {n_tr[0]} images / {n_tr[1]} boxes, val {n_va[0]} / {n_va[1]})")
-    return data
+                subprocess.run([sys.executable, "scripts/make_toy_coco.py", "--out", root,
+                                "--seed", "0"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        return (f"{root}/annotations/instances_train.json", f"{root}/train",
+                f"{root}/annotations/instances_val.json", f"{root}/val",
+                "built-in toy dataset, 10 categories")
+    src = os.path.abspath(os.path.join(SHARED, name))
+    if not os.path.isdir(src):
+        print(f"skipping {name}: {src} not found")
+        return None
+    if name == "chess":
+        return (f"{src}/train/_annotations.coco.json", f"{src}/train",
+                f"{src}/{split}/_annotations.coco.json", f"{src}/{split}",
+                "chess pieces, Roboflow export at 640x428")
+    train_src = f"{src}/annotations/instances_train2017.json"
+    with open(train_src) as f:
+        counts = defaultdict(int)
+        for a in json.load(f)["annotations"]:
+            counts[a["category_id"]] += 1
+    keep = set(sorted(counts, key=lambda c: -counts[c])[:num_categories])
+    root = os.path.join(out, "data", f"coco_tiny_top{num_categories}")
+    with _dir_lock(os.path.join(out, "data")):
+        n_tr = subset_coco(train_src, f"{root}/train.json", keep)
+        n_va = subset_coco(f"{src}/annotations/instances_val2017.json", f"{root}/val.json", keep)
+    return (f"{root}/train.json", f"{src}/train2017", f"{root}/val.json", f"{src}/val2017",
+            f"coco_tiny restricted to its {num_categories} most frequent categories "
+            f"(train {n_tr[0]} images / {n_tr[1]} boxes, val {n_va[0]} / {n_va[1]})")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="output/compare")
-    parser.add_argument("--quick", type=int, default=0, help="1 = smoke size")
-    parser.add_argument("--datasets", nargs="+", default=["toy", "coco_tiny"])
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
-                        help="default: all on toy, scratch and erf on coco_tiny")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--coco-categories", type=int, default=10,
-                        help="coco_tiny: keep the N most frequent categories")
-    parser.add_argument("--pretrain-iters", type=int, default=None)
-    parser.add_argument("--finetune-iters", type=int, default=None)
-    args = parser.parse_args(argv)
-    size = dict(SIZES[args.quick])
-    seeds = args.seeds or size["seeds"]
-    pre_iters = args.pretrain_iters or size["pretrain_iters"]
-    ft_sizes = {d: args.finetune_iters or n for d, n in size["finetune_iters"].items()}
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    py = sys.executable
-    datasets = prepare_datasets(args.datasets, out, args.coco_categories)
-    results_path = os.path.join(out, "results.json")
-    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+def _split_label(val_json):
+    """``.../chess/valid/_annotations.coco.json`` -> valid; ``.../annotations/x_val.json`` ->
+    x_val: how the table names an evaluation split given by path."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(val_json)))
+    return os.path.splitext(os.path.basename(val_json))[0] if folder == "annotations" else folder
 
-    def save():
-        results.update(merge_save(results_path, results))
 
-    for dname, d in datasets.items():
-        bank = os.path.join(out, dname, "bank.h5")
-        if not os.path.isfile(bank):
-            os.makedirs(os.path.dirname(bank), exist_ok=True)
-            run([py, "-m", "builder", "build", "--annotations", d["train_json"], "--images",
-                 d["train_images"], "--out", bank, "--seed", "0", "--overwrite"],
-                os.path.join(out, dname, "bank.log"))
-        extra = COCO_INPUT if dname == "coco_tiny" else []
-        ft_iters = ft_sizes[dname]
-        for seed in seeds:
-            for variant in args.variants or size["variants"][dname]:
-                key = f"{dname}/{variant}/seed{seed}"
-                if _same_size(results.get(key), pre_iters if variant != "scratch" else 0, ft_iters):
-                    continue  # finished earlier at this size
-                run_dir = os.path.join(out, dname, variant, f"seed{seed}")
-                os.makedirs(run_dir, exist_ok=True)
-                rec = dict(dataset=dname, variant=variant, seed=seed, pretrain_cpu_s=0.0,
-                           pretrain_wall_s=0.0, pretrain_iters=0, finetune_iters=ft_iters)
-                weights, config = "", SCRATCH_CONFIG
-                if variant != "scratch":
-                    warm = max(1, min(30, pre_iters // 10))
-                    wall, cpu = run([py, os.path.join(PROJECT, "train_net.py"), "--config-file",
-                                     PRETRAIN_CONFIG, "MONTAGE.BANK", bank, "MONTAGE.LOSS", variant,
-                                     "SOLVER.MAX_ITER", str(pre_iters), "SOLVER.WARMUP_ITERS",
-                                     str(warm), "SOLVER.CHECKPOINT_PERIOD", str(10 ** 7),
-                                     "MONTAGE.ERF_PERIOD", str(max(1, pre_iters // 3)),
-                                     "SEED", str(seed), "OUTPUT_DIR", f"{run_dir}/pretrain"],
-                                    f"{run_dir}/pretrain.log")
-                    rec.update(pretrain_cpu_s=cpu, pretrain_wall_s=wall, pretrain_iters=pre_iters)
-                    weights, config = f"{run_dir}/pretrain/{EXPORT_NAME}", FINETUNE_CONFIG
-                steps = str((int(ft_iters * 0.8),))
-                wall, cpu = run([py, os.path.join(PROJECT, "finetune_net.py"), "--config-file",
-                                 config, "--train-json", d["train_json"], "--train-images",
-                                 d["train_images"], "--val-json", d["val_json"], "--val-images",
-                                 d["val_images"], "--dataset-name", f"cmp_{dname}",
-                                 "MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", str(ft_iters),
-                                 "SOLVER.STEPS", steps, "SOLVER.WARMUP_ITERS",
-                                 str(min(50, ft_iters // 5)), "SEED", str(seed),
-                                 "OUTPUT_DIR", f"{run_dir}/finetune"] + extra,
-                                f"{run_dir}/finetune.log")
-                with open(f"{run_dir}/finetune/metrics_final.json") as f:
-                    bbox = json.load(f)["bbox"]
-                rec.update(finetune_cpu_s=cpu, finetune_wall_s=wall,
-                           **{k: bbox[k] for k in ("AP", "AP50", "AP75")})
-                results[key] = rec
-                save()
-                print(f"{key}: AP {rec['AP']:.2f} AP50 {rec['AP50']:.2f} "
-                      f"(pre-train {rec['pretrain_cpu_s']:.0f} CPU-s, fine-tune {cpu:.0f} CPU-s)",
-                      flush=True)
-    save()  # picks up what parallel processes finished
-    report(results, datasets, out, pre_iters, ft_sizes)
-    return 0
+def make_plans(args, out):
+    """One plan per dataset: paths, fingerprints, sizes, arms, seeds (defaults filled in)."""
+    size = SIZES[args.quick]
+    if args.datasets:
+        sources = []
+        for name in args.datasets:
+            paths = preset_paths(name, out, args.eval_split, args.coco_categories)
+            if paths:
+                sources.append((name, PRESETS[name], paths))
+    else:
+        paths = (args.train_json, args.train_images, args.val_json, args.val_images,
+                 f"{args.train_json} / {args.val_json}")
+        for path in paths[:4]:
+            if not os.path.exists(path):
+                raise SystemExit(f"{path} not found (check --train-json/--val-json/...)")
+        sources = [(args.name or dataset_name(args.train_json), BY_PATH, paths)]
+    plans = []
+    for name, defaults, (tj, ti, vj, vi, note) in sources:
+        if _category_names(tj) != _category_names(vj):
+            raise SystemExit(f"{name}: the categories of {vj} differ from {tj}; the val json "
+                             "must be a split of the same dataset (pass all four paths)")
+        arms = args.arms or (VARIANTS if args.quick else defaults["arms"])
+        if args.table3 and args.table3 not in arms:
+            raise SystemExit(f"--table3 {args.table3}: add {args.table3} to --arms")
+        plans.append(dict(
+            name=name, note=note, train_json=os.path.abspath(tj), train_images=os.path.abspath(ti),
+            val_json=os.path.abspath(vj), val_images=os.path.abspath(vi),
+            split=args.eval_split if args.datasets else _split_label(vj),
+            train_sha1=_sha1(tj), val_sha1=_sha1(vj), arms=list(arms),
+            seeds=args.seeds or list(size["seeds"]),
+            pretrain_iters=args.pretrain_iters or size["pretrain_iters"],
+            finetune_iters=args.finetune_iters or size.get("finetune_iters",
+                                                           defaults["finetune_iters"]),
+            input_size=args.input_size or size["input_size"],
+            ft_min_size=args.ft_min_size or defaults["ft_min_size"],
+            probes=not args.no_probes, probe_max_boxes=size["probe_max_boxes"],
+            frozen=args.frozen, table3=args.table3,
+            threads=args.threads, workers=args.workers, bank_workers=args.bank_workers))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: what decides a step's result (hashed: sid) - and the run environment
+# ---------------------------------------------------------------------------------------------
+def sid_of(settings):
+    """10-hex id of a settings dict; equal ids = same step at the same settings."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def runtime_settings(plan):
+    """Pinned, identical for every step: threads, loader workers, cuDNN flags."""
+    return dict(omp_num_threads=plan["threads"], mkl_num_threads=plan["threads"],
+                torch_threads=plan["threads"], loader_workers=plan["workers"],
+                cudnn_benchmark=False, cudnn_deterministic=False)
+
+
+def schedule(iters):
+    """(warm-up iterations, LR steps) of a fine-tuning of ``iters`` iterations."""
+    return min(50, iters // 5), [int(iters * 0.8)]
+
+
+def ft_size_opts(size):
+    """Detectron2 input opts for a fine-tuning shorter side ``size``: the demo config's geometry
+    (224: train (192, 224, 256), max 341) scaled to ``size``."""
+    delta, max_size = 8 * round(size / 56), round(size * 341 / 224)
+    return ["INPUT.MIN_SIZE_TRAIN", f"({size - delta}, {size}, {size + delta})",
+            "INPUT.MAX_SIZE_TRAIN", str(max_size), "INPUT.MIN_SIZE_TEST", str(size),
+            "INPUT.MAX_SIZE_TEST", str(max_size)]
+
+
+def pretrain_settings(plan, arm):
+    n = plan["pretrain_iters"]
+    return dict(data=dict(train_sha1=plan["train_sha1"], bank_seed=0),
+                runtime=runtime_settings(plan), config=PRETRAIN_CONFIG, loss=arm, iters=n,
+                input_size=plan["input_size"], warmup=max(1, min(30, n // 10)),
+                erf_period=max(1, n // 3))
+
+
+def finetune_settings(plan, arm, step):
+    """Settings of a fine-tuning (``step`` "finetune" or "frozen"); the evaluation split is not
+    part of them (a trained detector is evaluated on every split asked for)."""
+    pre = None if arm in ("scratch", "scratch_long") else pretrain_settings(plan, arm)
+    iters = f"total CPU of {plan['table3']}" if arm == "scratch_long" else plan["finetune_iters"]
+    ft = dict(config=FINETUNE_CONFIG if pre else SCRATCH_CONFIG, iters=iters,
+              ft_min_size=plan["ft_min_size"], frozen=step == "frozen")
+    if arm == "scratch_long":
+        ft["matched_to"] = finetune_settings(plan, plan["table3"], "finetune")
+    return dict(data=dict(train_sha1=plan["train_sha1"]), runtime=runtime_settings(plan),
+                pretrain=pre, finetune=ft)
+
+
+def probe_settings(plan, arm):
+    pre = pretrain_settings(plan, arm) if arm != "scratch" else "random init"
+    return dict(data=dict(train_sha1=plan["train_sha1"]), runtime=runtime_settings(plan),
+                pretrain=pre, probe=dict(script=PROBE_SCRIPT, config=FINETUNE_CONFIG,
+                                         opts=ft_size_opts(plan["ft_min_size"])[4:],
+                                         max_boxes=plan["probe_max_boxes"]))
+
+
+STEP_SETTINGS = {"pretrain": pretrain_settings, "probe": probe_settings,
+                 "finetune": lambda p, a: finetune_settings(p, a, "finetune"),
+                 "frozen": lambda p, a: finetune_settings(p, a, "frozen")}
+
+
+def step_sid(plan, arm, step):
+    return sid_of(STEP_SETTINGS[step](plan, arm))
+
+
+def environment(plan):
+    """What is recorded with every run besides its settings: versions, commit, machine."""
+    from importlib import metadata
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return dict(python=sys.version.split()[0], torch=version("torch"),
+                torchvision=version("torchvision"),
+                detectron2=version("detectron2") or version("sal-detectron2"),
+                git_commit=git("rev-parse", "HEAD"), git_dirty=bool(dirty),
+                cpu_count=os.cpu_count(), host=os.uname().nodename,
+                env=dict(OMP_NUM_THREADS=str(plan["threads"]),
+                         MKL_NUM_THREADS=str(plan["threads"])))
+
+
+def resolved_config_sha1(config_yaml):
+    """sha1 of the config a Detectron2 run dumped (OUTPUT_DIR/config.yaml) without the keys that
+    differ per run (OUTPUT_DIR, SEED, MODEL.WEIGHTS, DATASETS): equal across seeds of one arm."""
+    try:
+        import yaml
+
+        with open(config_yaml) as f:
+            cfg = yaml.safe_load(f)
+        for key in ("OUTPUT_DIR", "SEED", "DATASETS"):
+            cfg.pop(key, None)
+        cfg.get("MODEL", {}).pop("WEIGHTS", None)
+        cfg.get("MONTAGE", {}).pop("BANK", None)
+        return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    except Exception:  # noqa: BLE001  (a record without it is still usable)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running steps
+# ---------------------------------------------------------------------------------------------
+def run(cmd, log_path, env=None):
+    """Runs ``cmd`` with its output in ``log_path``; returns (wall s, CPU s of it and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n  see {log_path}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.time() - start, cpu
 
 
 def merge_save(path, results):
     """
     Writes ``results`` merged into what ``path`` holds now and returns the merged dict: several
-    compare.py processes (e.g. one per --seeds) may share --out. Written via a temporary file and
-    os.replace, so a reader never sees half a file.
+    compare.py processes (e.g. one per --seeds) may share --out. Under a lock on the folder, and
+    via a temporary file and os.replace, so a reader never sees half a file.
     """
-    merged = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            merged = json.load(f)
-    merged.update(results)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(merged, f, indent=1)
-    os.replace(tmp, path)
+    with _dir_lock(os.path.dirname(path)):
+        merged = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                merged = json.load(f)
+        merged.update(results)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(merged, f, indent=1)
+        os.replace(tmp, path)
     return merged
 
 
-def _same_size(rec, pre_iters, ft_iters):
-    """True when ``rec`` is a finished run with these pre-training / fine-tuning lengths."""
-    return bool(rec) and rec["pretrain_iters"] == pre_iters and rec["finetune_iters"] == ft_iters
+def probe_entry(payload, weights):
+    """The result of ``weights`` in scripts/probe.py's --json output (``{"results": [{"weights":
+    ..., "res4": {...}, ...}, ...]}``; a plain ``{weights: {...}}`` mapping is read too)."""
+    if "results" in payload:
+        return next(r for r in payload["results"] if r.get("weights") == weights)
+    return payload[weights]
+
+
+def probe_script_found():
+    return os.path.isfile(os.path.join(ROOT, PROBE_SCRIPT))
+
+
+def scratch_long_iters(finetune_iters, pretrain_cpu_s, finetune_cpu_s):
+    """Iterations of the scratch_long arm: the same total CPU time as pre-training + fine-tuning
+    of the Montage arm, at the Montage arm's CPU-s per fine-tuning iteration."""
+    return round(finetune_iters * (pretrain_cpu_s + finetune_cpu_s) / finetune_cpu_s)
+
+
+class Comparison:
+    """The steps of one dataset's comparison; ``save(key, record)`` stores each step's record."""
+
+    def __init__(self, plan, out, results, save):
+        self.p, self.out, self.results, self.save = plan, out, results, save
+        self.py = sys.executable
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(plan["threads"]),
+                        MKL_NUM_THREADS=str(plan["threads"]))
+        self.val_key = plan["val_sha1"][:10]
+        self.environment = environment(plan)
+        self.pinned = ["DATALOADER.NUM_WORKERS", str(plan["workers"]), "CUDNN_BENCHMARK", "False"]
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def key(self, arm, seed, step, sid):
+        return f"{self.p['name']}/{arm}/seed{seed}/{step}@{sid}"
+
+    def run_dir(self, arm, seed, step, sid):
+        d = os.path.join(self.out, self.p["name"], arm, f"seed{seed}", f"{step}-{sid}")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def _record(self, arm, seed, step, sid, settings, cmd, wall, cpu, run_dir, **extra):
+        """One step's record: identity, settings (+ sid), command, timings, environment."""
+        rec = dict(dataset=self.p["name"], arm=arm, seed=seed, step=step, sid=sid,
+                   settings=settings, command=shlex.join(
+                       [f"OMP_NUM_THREADS={self.p['threads']}",
+                        f"MKL_NUM_THREADS={self.p['threads']}"] + cmd),
+                   wall_s=wall, cpu_s=cpu, run_dir=run_dir, train_json=self.p["train_json"],
+                   train_images=self.p["train_images"], environment=self.environment,
+                   finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        rec.update(extra)
+        self.save(self.key(arm, seed, step, sid), rec)
+        return rec
+
+    def done(self, arm, seed, step, sid):
+        return self.results.get(self.key(arm, seed, step, sid))
+
+    def _split_info(self):
+        return dict(split=self.p["split"], val_json=self.p["val_json"],
+                    val_images=self.p["val_images"])
+
+    # -- steps ---------------------------------------------------------------------------------
+    def bank(self):
+        """The sample bank of the training split, built once per training json."""
+        banks = os.path.join(self.out, "banks")
+        path = os.path.join(banks, f"{self.p['name']}-{self.p['train_sha1'][:10]}.h5")
+        with _dir_lock(banks):
+            if not os.path.isfile(path):
+                run([self.py, "-m", "builder", "build", "--annotations", self.p["train_json"],
+                     "--images", self.p["train_images"], "--out", path, "--seed", "0",
+                     "--workers", str(self.p["bank_workers"]), "--overwrite"],
+                    path[:-3] + ".log", self.env)
+        return path
+
+    def pretrain(self, arm, seed):
+        settings = pretrain_settings(self.p, arm)
+        sid = sid_of(settings)
+        rec = self.done(arm, seed, "pretrain", sid)
+        if rec and os.path.isfile(rec["export"]):
+            return rec
+        d = self.run_dir(arm, seed, "pretrain", sid)
+        cmd = [self.py, f"{PROJECT}/train_net.py", "--config-file", PRETRAIN_CONFIG,
+               "MONTAGE.BANK", self.bank(), "MONTAGE.LOSS", arm,
+               "MONTAGE.INPUT_SIZE", str(settings["input_size"]),
+               "SOLVER.MAX_ITER", str(settings["iters"]),
+               "SOLVER.WARMUP_ITERS", str(settings["warmup"]),
+               "SOLVER.CHECKPOINT_PERIOD", str(10 ** 7),
+               "MONTAGE.ERF_PERIOD", str(settings["erf_period"]),
+               "SEED", str(seed), "OUTPUT_DIR", d] + self.pinned
+        wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
+        rec = self._record(arm, seed, "pretrain", sid, settings, cmd, wall, cpu, d,
+                           export=os.path.join(d, EXPORT_NAME),
+                           config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")))
+        print(f"{self.key(arm, seed, 'pretrain', sid)}: {cpu:.0f} CPU-s", flush=True)
+        return rec
+
+    def probe(self, arm, seed, weights):
+        """kNN / linear probes of ``weights`` ("" = random init, seeded) on the eval split."""
+        settings = probe_settings(self.p, arm)
+        sid = sid_of(settings)
+        rec = self.done(arm, seed, "probe", sid)
+        if rec and self.val_key in rec.get("metrics", {}):
+            return rec
+        if not probe_script_found():
+            print(f"probes skipped: {PROBE_SCRIPT} not found (or pass --no-probes)")
+            return None
+        d = self.run_dir(arm, seed, "probe", sid)
+        out_json = os.path.join(d, f"probe-{self.val_key}.json")
+        cmd = [self.py, PROBE_SCRIPT, "--weights", weights,
+               "--train-json", self.p["train_json"], "--train-images", self.p["train_images"],
+               "--val-json", self.p["val_json"], "--val-images", self.p["val_images"],
+               "--config-file", FINETUNE_CONFIG, "--threads", str(self.p["threads"]),
+               "--seed", str(seed), "--json", out_json]
+        if settings["probe"]["max_boxes"]:
+            cmd += ["--max-boxes", str(settings["probe"]["max_boxes"])]
+        cmd += settings["probe"]["opts"]
+        wall, cpu = run(cmd, os.path.join(d, f"stdout-{self.val_key}.log"), self.env)
+        with open(out_json) as f:
+            entry = probe_entry(json.load(f), weights)
+        stages = {s: v for s, v in entry.items() if isinstance(v, dict) and "knn_top1" in v}
+        metrics = dict((rec or {}).get("metrics", {}))
+        metrics[self.val_key] = dict(self._split_info(), **stages, probe_json=out_json,
+                                     wall_s=wall, cpu_s=cpu)
+        rec = self._record(arm, seed, "probe", sid, settings, cmd, wall, cpu, d,
+                           weights=weights, metrics=metrics)
+        line = ", ".join(f"{s} kNN {v['knn_top1']:.1f} linear {v['linear_top1']:.1f}"
+                         for s, v in stages.items())
+        print(f"{self.key(arm, seed, 'probe', sid)}: {line}", flush=True)
+        return rec
+
+    def finetune(self, arm, seed, step, weights="", pre_rec=None, iters=None, matched=None):
+        """Fine-tunes (``step`` "finetune" or "frozen") and evaluates on the eval split; a
+        detector trained earlier is only evaluated (--eval-only) on a split it has not seen."""
+        settings = finetune_settings(self.p, arm, step)
+        sid = sid_of(settings)
+        iters = iters or self.p["finetune_iters"]
+        rec = self.done(arm, seed, step, sid)
+        if rec and rec["iters"] == iters:
+            if self.val_key in rec["metrics"]:
+                return rec
+            if os.path.isfile(rec["model"]):
+                return self._evaluate(rec, arm, seed, step, sid)
+        d = self.run_dir(arm, seed, step, sid)
+        warmup, steps = schedule(iters)
+        cmd = self._ft_cmd(settings, d, weights) + [
+            "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", str(tuple(steps)),
+            "SOLVER.WARMUP_ITERS", str(warmup), "SEED", str(seed)]
+        if step == "frozen":
+            cmd += ["MODEL.BACKBONE.FREEZE_AT", "5"]
+        wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
+        metrics = {self.val_key: dict(self._split_info(), **self._bbox(d))}
+        rec = self._record(
+            arm, seed, step, sid, settings, cmd, wall, cpu, d, iters=iters, warmup=warmup,
+            lr_steps=steps, weights=weights, model=os.path.join(d, "model_final.pth"),
+            pretrain_cpu_s=pre_rec["cpu_s"] if pre_rec else 0.0,
+            pretrain_key=self.key(arm, seed, "pretrain", pre_rec["sid"]) if pre_rec else None,
+            matched_to=matched, metrics=metrics,
+            config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")))
+        m = metrics[self.val_key]
+        print(f"{self.key(arm, seed, step, sid)}: AP {_num(m['AP'])} AP50 {_num(m['AP50'])} "
+              f"({iters} it, pre-train {rec['pretrain_cpu_s']:.0f} CPU-s, "
+              f"fine-tune {cpu:.0f} CPU-s)", flush=True)
+        return rec
+
+    def _ft_cmd(self, settings, out_dir, weights):
+        return [self.py, f"{PROJECT}/finetune_net.py", "--config-file",
+                settings["finetune"]["config"], "--train-json", self.p["train_json"],
+                "--train-images", self.p["train_images"], "--val-json", self.p["val_json"],
+                "--val-images", self.p["val_images"], "--dataset-name",
+                "cmp_" + re.sub(r"\W", "_", self.p["name"]), "MODEL.WEIGHTS", weights,
+                "OUTPUT_DIR", out_dir] + ft_size_opts(self.p["ft_min_size"]) + self.pinned
+
+    @staticmethod
+    def _bbox(run_dir):
+        with open(os.path.join(run_dir, "metrics_final.json")) as f:
+            bbox = json.load(f)["bbox"]
+        return {k: bbox.get(k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+
+    def _evaluate(self, rec, arm, seed, step, sid):
+        d = os.path.join(rec["run_dir"], f"eval-{self.val_key}")
+        cmd = self._ft_cmd(rec["settings"], d, rec["model"])
+        cmd.insert(2, "--eval-only")
+        wall, cpu = run(cmd, d + ".log", self.env)
+        rec = dict(rec, metrics=dict(rec["metrics"]))
+        rec["metrics"][self.val_key] = dict(self._split_info(), **self._bbox(d),
+                                            eval_command=shlex.join(cmd), wall_s=wall, cpu_s=cpu)
+        self.save(self.key(arm, seed, step, sid), rec)
+        print(f"{self.key(arm, seed, step, sid)} on {self.p['split']}: "
+              f"AP {_num(rec['metrics'][self.val_key]['AP'])}", flush=True)
+        return rec
+
+    # -- one seed ------------------------------------------------------------------------------
+    def seed(self, seed):
+        for arm in self.p["arms"]:
+            pre, weights = None, ""
+            if arm != "scratch":
+                pre = self.pretrain(arm, seed)
+                weights = pre["export"]
+            if self.p["probes"]:
+                self.probe(arm, seed, weights)
+            ft = self.finetune(arm, seed, "finetune", weights, pre)
+            if self.p["frozen"]:
+                self.finetune(arm, seed, "frozen", weights, pre)
+            if arm == self.p["table3"]:
+                n = scratch_long_iters(self.p["finetune_iters"], ft["pretrain_cpu_s"],
+                                       ft["cpu_s"])
+                self.finetune("scratch_long", seed, "finetune", iters=n, matched=dict(
+                    arm=arm, pretrain_cpu_s=ft["pretrain_cpu_s"], finetune_cpu_s=ft["cpu_s"],
+                    finetune_iters=self.p["finetune_iters"]))
+
+    def view(self):
+        """What :func:`report` needs to select this comparison's records."""
+        p = self.p
+        sids = {(arm, step): step_sid(p, arm, step) for arm in VARIANTS
+                for step in ("finetune", "frozen", "probe")}
+        sids.update({(arm, "pretrain"): step_sid(p, arm, "pretrain") for arm in VARIANTS[1:]})
+        if p["table3"]:
+            sids[("scratch_long", "finetune")] = step_sid(p, "scratch_long", "finetune")
+        return dict(name=p["name"], val_key=self.val_key, sids=sids, table3=p["table3"],
+                    title=(f"{p['name']} ({p['note']}; eval on {p['split']}): pre-training "
+                           f"{p['pretrain_iters']} it at {p['input_size']} px, fine-tuning "
+                           f"{p['finetune_iters']} it at {p['ft_min_size']} px, "
+                           f"{p['threads']} thread(s), {p['workers']} loader worker(s)"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    results_path = os.path.join(out, "results.json")
+    results = {}
+    if os.path.isfile(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+
+    written = {}
+
+    def save(key=None, rec=None):
+        """Records ``rec`` under ``key`` and merges into results.json what this process wrote
+        (what other processes wrote there is kept and read back)."""
+        if key:
+            written[key] = results[key] = rec
+        results.update(merge_save(results_path, written))
+
+    views = []
+    for plan in make_plans(args, out):
+        comparison = Comparison(plan, out, results, save)
+        for seed in plan["seeds"]:
+            comparison.seed(seed)
+        views.append(comparison.view())
+    save()  # picks up what parallel processes finished
+    report(results, views, out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and tables
+# ---------------------------------------------------------------------------------------------
+def collect(results, view):
+    """{arm: {seed: {metric: value}}} of the records of ``view`` (its sids, its eval split)."""
+    values = defaultdict(lambda: defaultdict(dict))
+    configs = defaultdict(set)
+    for rec in results.values():
+        if not isinstance(rec, dict) or rec.get("dataset") != view["name"]:
+            continue
+        arm, step = rec.get("arm"), rec.get("step")
+        if "sid" not in rec or view["sids"].get((arm, step)) != rec["sid"]:  # other settings
+            continue
+        if rec.get("config_sha1"):
+            configs[(arm, step)].add(rec["config_sha1"])
+        m = rec.get("metrics", {}).get(view["val_key"])
+        if m is None:
+            continue
+        row = values[arm][rec["seed"]]
+        if step == "finetune":
+            row.update(AP=m["AP"], AP50=m["AP50"], AP75=m["AP75"], iters=rec["iters"],
+                       pretrain_cpu_s=rec["pretrain_cpu_s"], finetune_cpu_s=rec["cpu_s"])
+        elif step == "frozen":
+            row.update(frozen_AP=m["AP"], frozen_AP50=m["AP50"])
+        elif step == "probe":
+            for stage in ("res4", "res5"):
+                for probe in ("knn", "linear"):
+                    row[f"{stage}_{probe}"] = m.get(stage, {}).get(f"{probe}_top1")
+    mixed = sorted(f"{a}/{s}" for (a, s), h in configs.items() if len(h) > 1)
+    return values, mixed
+
+
+def paired(values, arm, metric, ref="scratch"):
+    """
+    Paired difference ``arm - ref`` of ``metric`` over the seeds both have (values not None):
+    dict(n, mean, min, max, per_seed={seed: diff}), or None without a common seed.
+    """
+    a, r = values.get(arm, {}), values.get(ref, {})
+    diffs = {s: a[s][metric] - r[s][metric] for s in sorted(set(a) & set(r))
+             if a[s].get(metric) is not None and r[s].get(metric) is not None}
+    if not diffs:
+        return None
+    d = list(diffs.values())
+    return dict(n=len(d), mean=statistics.mean(d), min=min(d), max=max(d), per_seed=diffs)
+
+
+def _num(v, signed=False):
+    if v is None:
+        return "n/a"
+    return f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
 def _fmt(values):
+    """mean ± sample std (one value: the value)."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
@@ -231,51 +761,140 @@ def _fmt(values):
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
 
 
-def report(results, datasets, out, pre_iters, ft_sizes):
-    """Prints and writes the table (mean ± std over seeds) and one bar chart per dataset."""
+def _fmt_paired(p):
+    """``+1.50 [-1.00, +4.00]`` (mean [min, max] over seeds); one seed: the difference."""
+    if p is None:
+        return "n/a"
+    if p["n"] == 1:
+        return _num(p["mean"], True)
+    return f"{_num(p['mean'], True)} [{_num(p['min'], True)}, {_num(p['max'], True)}]"
+
+
+def _cost_cells(runs):
+    """fine-tune iterations, mean pre-train / fine-tune / total CPU-s of fine-tuning rows."""
+    runs = [r for r in runs if r.get("finetune_cpu_s") is not None]
+    if not runs:
+        return ["n/a"] * 4
+    pre = statistics.mean(r["pretrain_cpu_s"] for r in runs)
+    ft = statistics.mean(r["finetune_cpu_s"] for r in runs)
+    return ["/".join(str(i) for i in sorted({r["iters"] for r in runs})), f"{pre:.0f}",
+            f"{ft:.0f}", f"{pre + ft:.0f}"]
+
+
+def tables(values):
+    """
+    (headers, rows) of the three tables of :func:`collect`'s values: detection (mean ± std and
+    paired difference to scratch per metric, costs), probes (None without probe values), and
+    every seed's values and differences.
+    """
+    arms = [a for a in ARM_ORDER if a in values]
+    present = [m for m in METRICS if any(r.get(m[0]) is not None
+                                         for a in arms for r in values[a].values())]
+    costs = ["fine-tune it", "pre-train CPU-s", "fine-tune CPU-s", "total CPU-s"]
+
+    def summary(metrics, with_costs):
+        head = ["arm", "seeds"] + [h for _, label, _ in metrics
+                                   for h in (label, f"Δ {label} vs scratch")]
+        rows = []
+        for arm in arms:
+            seeds = values[arm]
+            if not any(seeds[s].get(k) is not None for s in seeds for k, _, _ in metrics):
+                continue
+            n = sum(any(seeds[s].get(k) is not None for k, _, _ in metrics) for s in seeds)
+            row = [arm, n]
+            for key, _, _ in metrics:
+                got = [seeds[s][key] for s in seeds if seeds[s].get(key) is not None]
+                row += [_fmt(got) + (f" (n={len(got)})" if got and len(got) < n else ""),
+                        "—" if arm == "scratch" else _fmt_paired(paired(values, arm, key))]
+            rows.append(row + (_cost_cells(seeds.values()) if with_costs else []))
+        return head + (costs if with_costs else []), rows
+
+    det = summary([m for m in present if m[2] == "det"], True)
+    probe = [m for m in present if m[2] == "probe"]
+    per_head = ["arm", "seed"] + [h for _, label, _ in present
+                                  for h in (label, f"Δ {label}")] + costs
+    per_rows = []
+    for arm in arms:
+        for seed in sorted(values[arm]):
+            row = [arm, seed]
+            for key, _, _ in present:
+                p = None if arm == "scratch" else paired(values, arm, key)
+                row += [_num(values[arm][seed].get(key)),
+                        "—" if arm == "scratch" else _num(p and p["per_seed"].get(seed), True)]
+            per_rows.append(row + _cost_cells([values[arm][seed]]))
+    return det, summary(probe, False) if probe else None, (per_head, per_rows)
+
+
+def report(results, views, out):
+    """Prints and writes (table.md) per dataset: detection AP and probes (mean ± std over seeds,
+    paired difference to scratch: mean [min, max]), the per-seed values, and a chart."""
+    from tabulate import tabulate
+
+    lines = []
+    for view in views:
+        values, mixed = collect(results, view)
+        det, probe, per_seed = tables(values)
+        blocks = [(f"{view['title']}; mean ± std over seeds, Δ = paired difference to "
+                   "scratch on the same seed: mean [min, max]", det)]
+        if probe:
+            blocks.append(("probes of the export (random init for scratch): top-1 % on the "
+                           "eval split's boxes, frozen backbone, no fine-tuning", probe))
+        blocks.append(("per seed", per_seed))
+        text = []
+        for head, (headers, rows) in blocks:
+            text += [head, "", tabulate(rows, headers=headers, tablefmt="github",
+                                        disable_numparse=True), ""]
+        if view.get("table3") and "scratch_long" in values:
+            p = paired(values, view["table3"], "AP", ref="scratch_long")
+            per_seed_text = f", per seed {_per_seed(p)}" if p else ""
+            text += [f"Table 3 view (equal total CPU time): {view['table3']} − scratch_long "
+                     f"AP {_fmt_paired(p)}{per_seed_text}", ""]
+        if mixed:
+            text += [f"note: the resolved config differs between seeds in {', '.join(mixed)}"
+                     " (a config file changed between runs)", ""]
+        print("\n".join(text))
+        lines += [f"### {view['name']}", ""] + text
+        _chart(values, view, out)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def _per_seed(p):
+    return ", ".join(f"{s}: {_num(v, True)}" for s, v in p["per_seed"].items())
+
+
+def _chart(values, view, out):
+    """compare_<name>.png: AP per arm (mean ± std, seeds as dots) and the paired ΔAP."""
+    arms = [a for a in ARM_ORDER if a in values and any(
+        r.get("AP") is not None for r in values[a].values())]
+    if not arms:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from tabulate import tabulate
 
-    lines = []
-    for dname, d in datasets.items():
-        rows, bars, ft_iters = [], [], ft_sizes[dname]
-        for variant in VARIANTS:
-            recs = [r for r in results.values() if r["dataset"] == dname
-                    and r["variant"] == variant and _same_size(
-                        r, pre_iters if variant != "scratch" else 0, ft_iters)]
-            if not recs:
-                continue
-            ap = [r["AP"] for r in recs]
-            rows.append([variant, _fmt(ap), _fmt([r["AP50"] for r in recs]),
-                         _fmt([r["AP75"] for r in recs]),
-                         f"{statistics.mean(r['pretrain_cpu_s'] for r in recs):.0f}",
-                         f"{statistics.mean(r['finetune_cpu_s'] for r in recs):.0f}",
-                         " ".join(f"{a:.2f}" for a in ap)])
-            bars.append((variant, ap))
-        head = (f"{dname}: {d['note']}; pre-training {pre_iters} it, fine-tuning {ft_iters} it, "
-                f"mean ± std over seeds")
-        table = tabulate(rows, headers=["init", "AP", "AP50", "AP75", "pre-train CPU-s",
-                                        "fine-tune CPU-s", "AP per seed"], tablefmt="github")
-        print(head + "\n" + table + "\n")
-        lines += [f"### {head}", "", table, ""]
-        if bars:
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            names = [b[0] for b in bars]
-            means = [statistics.mean(b[1]) for b in bars]
-            errs = [statistics.stdev(b[1]) if len(b[1]) > 1 else 0 for b in bars]
-            ax.bar(names, means, yerr=errs, capsize=4,
-                   color=["grey", "tab:blue", "tab:orange", "tab:green", "tab:red"][:len(names)])
-            for i, b in enumerate(bars):
-                ax.scatter([i] * len(b[1]), b[1], color="k", s=10, zorder=3)
-            ax.set_ylabel("box AP")
-            ax.set_title(f"{dname}: Faster R-CNN R-18 FPN, {ft_iters} it fine-tuning")
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, f"compare_{dname}.png"), dpi=110)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write("\n".join(lines))
+    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, arm in enumerate(arms):
+        ap = [r["AP"] for r in values[arm].values() if r.get("AP") is not None]
+        ax.bar(i, statistics.mean(ap), yerr=statistics.stdev(ap) if len(ap) > 1 else 0,
+               capsize=4, color=f"C{i}")
+        ax.scatter([i] * len(ap), ap, color="k", s=10, zorder=3)
+        p = paired(values, arm, "AP")
+        if p and arm != "scratch":
+            ax_d.bar(i, p["mean"], yerr=[[p["mean"] - p["min"]], [p["max"] - p["mean"]]],
+                     capsize=4, color=f"C{i}")
+            ax_d.scatter([i] * p["n"], list(p["per_seed"].values()), color="k", s=10, zorder=3)
+    for a in (ax, ax_d):
+        a.set_xticks(range(len(arms)), arms, rotation=20)
+    ax_d.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("box AP")
+    ax_d.set_ylabel("AP − scratch AP (same seed)")
+    ax.set_title(f"{view['name']}: Faster R-CNN R-18 FPN")
+    ax_d.set_title("paired difference: mean, [min, max], seeds")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"compare_{view['name']}.png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""scripts/compare.py bookkeeping: the table's mean ± std over seeds, size filtering, merging."""
+"""scripts/compare.py bookkeeping: paired statistics, tables, arguments and Make variables, the
+Table 3 arithmetic, merging and resuming (no training: the step runner is mocked)."""
 import json
 import os
+import shlex
+import subprocess
+import sys
 
 import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 @pytest.fixture(scope="module")
@@ -10,57 +16,286 @@ def compare(load_script):
     return load_script("compare")
 
 
-def rec(variant, seed, ap, pre=150, ft=200):
-    return dict(dataset="toy", variant=variant, seed=seed, AP=ap, AP50=2 * ap, AP75=ap / 2,
-                pretrain_iters=0 if variant == "scratch" else pre, finetune_iters=ft,
-                pretrain_cpu_s=0.0 if variant == "scratch" else 100.0, finetune_cpu_s=300.0)
-
-
-def test_report_mean_std_over_seeds_and_only_this_size(compare, tmp_path, capsys):
-    results = {
-        "toy/scratch/seed0": rec("scratch", 0, 10.0), "toy/scratch/seed1": rec("scratch", 1, 12.0),
-        "toy/erf/seed0": rec("erf", 0, 14.0), "toy/erf/seed1": rec("erf", 1, 18.0),
-        "toy/erf/seed2": rec("erf", 2, 99.0, ft=100),  # another size: must not be averaged in
-    }
-    compare.report(results, {"toy": dict(note="toy")}, str(tmp_path), 150, {"toy": 200})
-    out = capsys.readouterr().out
-    scratch = next(line for line in out.splitlines() if line.startswith("| scratch"))
-    erf = next(line for line in out.splitlines() if line.startswith("| erf"))
-    assert "11.00 ± 1.41" in scratch and "10.00 12.00" in scratch
-    assert "16.00 ± 2.83" in erf and "99" not in erf
-    assert (tmp_path / "compare_toy.png").stat().st_size > 0
-    assert "16.00 ± 2.83" in (tmp_path / "table.md").read_text()
-
-
-def test_same_size_decides_what_is_rerun(compare):
-    assert compare._same_size(rec("erf", 0, 1.0), 150, 200)
-    assert not compare._same_size(rec("erf", 0, 1.0), 150, 100)
-    assert not compare._same_size(None, 150, 200)
-    assert compare._same_size(rec("scratch", 0, 1.0), 0, 200)
+# ---------------------------------------------------------------------------------------------
+# Paired statistics and tables
+# ---------------------------------------------------------------------------------------------
+def test_paired_difference_hand_computed(compare):
+    values = {"scratch": {0: {"AP": 10.0}, 1: {"AP": 12.0}, 2: {"AP": 5.0}, 4: {"AP": None}},
+              "erf": {0: {"AP": 14.0}, 1: {"AP": 11.0}, 2: {"AP": 9.0},
+                      3: {"AP": 50.0},     # no scratch run on seed 3: not paired
+                      4: {"AP": 7.0}}}     # scratch AP missing (NaN) on seed 4: not paired
+    p = compare.paired(values, "erf", "AP")
+    # erf - scratch on seeds 0, 1, 2: +4, -1, +4
+    assert p["n"] == 3 and p["per_seed"] == {0: 4.0, 1: -1.0, 2: 4.0}
+    assert p["mean"] == pytest.approx(7 / 3) and p["min"] == -1.0 and p["max"] == 4.0
+    assert compare._fmt_paired(p) == "+2.33 [-1.00, +4.00]"
+    assert compare._fmt_paired(compare.paired({"scratch": {0: {"AP": 1.0}},
+                                               "erf": {0: {"AP": 1.5}}}, "erf", "AP")) == "+0.50"
+    assert compare.paired(values, "single", "AP") is None
+    assert compare._fmt_paired(None) == "n/a"
 
 
 def test_fmt(compare):
     assert compare._fmt([1.0]) == "1.00"
     assert compare._fmt([]) == "n/a"
-    assert compare._fmt([1.0, 3.0]) == "2.00 ± 1.41"
+    assert compare._fmt([1.0, 3.0, None]) == "2.00 ± 1.41"
 
 
+def rec(arm, seed, ap, step="finetune", sid="s-ft", dataset="toy", val="v1", pre_cpu=100.0,
+        iters=200):
+    r = dict(dataset=dataset, arm=arm, seed=seed, step=step, sid=sid, iters=iters,
+             pretrain_cpu_s=0.0 if arm.startswith("scratch") else pre_cpu, cpu_s=300.0,
+             metrics={val: dict(AP=ap, AP50=2 * ap, AP75=ap / 2)})
+    if step == "probe":
+        r["metrics"] = {val: {"res4": dict(knn_top1=ap, linear_top1=ap + 1),
+                              "res5": dict(knn_top1=ap + 2, linear_top1=ap + 3)}}
+    return r
+
+
+def cells(line):
+    return [c.strip() for c in line.split("|")[1:-1]]
+
+
+def test_report_tables_with_paired_columns_only_this_comparison(compare, tmp_path, capsys):
+    results = {
+        "a": rec("scratch", 0, 10.0), "b": rec("scratch", 1, 12.0),
+        "c": rec("erf", 0, 14.0), "d": rec("erf", 1, 18.0),
+        "e": rec("erf", 2, 99.0, sid="other"),          # other settings: not averaged in
+        "f": rec("erf", 3, 98.0, val="test-split"),     # another eval split: not shown
+        "g": rec("scratch", 0, 40.0, step="probe", sid="s-pr"),
+        "h": rec("erf", 0, 45.0, step="probe", sid="s-pr"),
+        "i": rec("scratch", 0, 1.0, step="frozen", sid="s-fr"),
+        "j": rec("erf", 0, 3.5, step="frozen", sid="s-fr"),
+        "legacy": dict(dataset="toy", variant="erf", seed=0, AP=1.0),  # old format: ignored
+    }
+    sids = {("scratch", "finetune"): "s-ft", ("erf", "finetune"): "s-ft",
+            ("scratch", "probe"): "s-pr", ("erf", "probe"): "s-pr",
+            ("scratch", "frozen"): "s-fr", ("erf", "frozen"): "s-fr"}
+    view = dict(name="toy", val_key="v1", sids=sids, table3=None, title="toy")
+    compare.report(results, [view], str(tmp_path))
+    out = capsys.readouterr().out
+    rows = [cells(line) for line in out.splitlines() if line.startswith("| erf")]
+    det, probe, seed0, seed1 = rows
+    assert "16.00 ± 2.83" in det and "99" not in str(det) and "98" not in str(det)
+    assert "+5.00 [+4.00, +6.00]" in det          # Δ AP: +4 (seed 0), +6 (seed 1)
+    assert "+10.00 [+8.00, +12.00]" in det        # Δ AP50
+    assert "3.50 (n=1)" in det and "+2.50" in det  # frozen AP (one seed of two) and its Δ
+    assert det[-4:] == ["200", "100", "300", "400"]  # it, pre-train, fine-tune, total CPU-s
+    assert "45.00" in probe and "+5.00" in probe  # res4 kNN and its Δ
+    assert seed0[:4] == ["erf", "0", "14.00", "+4.00"] and seed1[:4] == ["erf", "1", "18.00",
+                                                                        "+6.00"]
+    scratch = cells(next(line for line in out.splitlines() if line.startswith("| scratch")))
+    assert "11.00 ± 1.41" in scratch and "—" in scratch
+    assert (tmp_path / "compare_toy.png").stat().st_size > 0
+    assert "+5.00 [+4.00, +6.00]" in (tmp_path / "table.md").read_text()
+
+
+def test_report_table3_line(compare, tmp_path, capsys):
+    results = {"a": rec("scratch", 0, 2.0), "b": rec("erf", 0, 6.0),
+               "c": rec("scratch_long", 0, 4.0, sid="s-long", iters=267)}
+    sids = {("scratch", "finetune"): "s-ft", ("erf", "finetune"): "s-ft",
+            ("scratch_long", "finetune"): "s-long"}
+    compare.report(results, [dict(name="toy", val_key="v1", sids=sids, table3="erf",
+                                  title="toy")], str(tmp_path))
+    out = capsys.readouterr().out
+    assert "erf − scratch_long AP +2.00, per seed 0: +2.00" in out
+    long_row = cells(next(line for line in out.splitlines() if line.startswith("| scratch_long")))
+    assert long_row[-4] == "267"
+
+
+def test_scratch_long_iterations_match_total_cpu(compare):
+    # erf: 100 CPU-s pre-training + 200 CPU-s for 200 fine-tuning iterations -> scratch_long
+    # gets 300 CPU-s at 1 CPU-s/iteration = 300 iterations
+    assert compare.scratch_long_iters(200, 100.0, 200.0) == 300
+    assert compare.scratch_long_iters(200, 250.0, 700.0) == 271  # 271.43 rounded
+    assert compare.scratch_long_iters(12, 0.0, 50.0) == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and Make variables
+# ---------------------------------------------------------------------------------------------
+def test_parse_preset_and_lists(compare):
+    args = compare.parse_args(["--dataset", "chess", "--arms", "scratch, erf", "--seeds",
+                               "0,1,2", "--eval-split", "val"])
+    assert args.datasets == ["chess"] and args.arms == ["scratch", "erf"]
+    assert args.seeds == [0, 1, 2] and args.eval_split == "valid"
+    args = compare.parse_args([])
+    assert args.datasets == ["toy"] and args.arms == [] and args.seeds == []
+    # the earlier spelling (space-separated lists) still works
+    args = compare.parse_args(["--datasets", "toy", "coco_tiny", "--variants", "erf", "single",
+                               "--seeds", "0", "1"])
+    assert args.datasets == ["toy", "coco_tiny"] and args.arms == ["erf", "single"]
+    assert args.seeds == [0, 1]
+
+
+def test_parse_dataset_by_path(compare):
+    args = compare.parse_args(["--train-json", "a.json", "--train-images", "a", "--val-json",
+                               "b.json", "--val-images", "b", "--table3"])
+    assert args.datasets == [] and args.train_json == "a.json" and args.table3 == "erf"
+    assert compare.dataset_name("../shared/data/chess/train/_annotations.coco.json") == "chess"
+    assert compare.dataset_name("datasets/toy/annotations/instances_train.json") == "toy"
+    assert compare._split_label("../shared/data/chess/valid/_annotations.coco.json") == "valid"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--train-json", "a.json"],                                   # the other three missing
+    ["--dataset", "toy", "--train-json", "a", "--train-images", "a", "--val-json", "b",
+     "--val-images", "b"],                                        # both ways at once
+    ["--dataset", "imagenet"], ["--arms", "scratch,moco"], ["--seeds", "0,x"],
+    ["--table3", "scratch"], ["--workers", "2"],
+])
+def test_parse_rejects(compare, argv):
+    with pytest.raises(SystemExit):
+        compare.parse_args(argv)
+
+
+def make_compare_argv(*variables):
+    """The compare.py arguments `make compare VAR=value ...` would run (make -n)."""
+    text = subprocess.run(["make", "-n", "--no-print-directory", "compare", *variables],
+                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    text = text.replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if "scripts/compare.py" in line)
+    words = shlex.split(line)
+    return words[words.index("scripts/compare.py") + 1:]
+
+
+def test_make_variables_reach_compare_py(compare):
+    argv = make_compare_argv("DATASET=chess", "ARMS=scratch,erf", "SEEDS=0,1,2",
+                             "PRETRAIN_ITERS=30", "FINETUNE_ITERS=40", "INPUT_SIZE=160",
+                             "FT_MIN_SIZE=288", "FROZEN=1", "SCRATCH_LONG=1", "PROBES=0",
+                             "COMPARE_OUT=/tmp/x", "QUICK=1", "EVAL_SPLIT=test")
+    args = compare.parse_args(argv)
+    assert args.datasets == ["chess"] and args.eval_split == "test" and not args.train_json
+    assert args.arms == ["scratch", "erf"] and args.seeds == [0, 1, 2]
+    assert (args.pretrain_iters, args.finetune_iters, args.input_size, args.ft_min_size) == (
+        30, 40, 160, 288)
+    assert args.frozen and args.no_probes and args.table3 == "erf" and args.quick == 1
+    assert args.out == "/tmp/x" and args.threads == 1 and args.workers in (0, 1)
+
+
+def test_make_dataset_by_path_wins_over_the_preset(compare):
+    argv = make_compare_argv("TRAIN_JSON=t.json", "TRAIN_IMAGES=t", "VAL_JSON=v.json",
+                             "VAL_IMAGES=v", "COMPARE_NAME=mine")
+    args = compare.parse_args(argv)
+    assert args.datasets == [] and (args.train_json, args.val_images, args.name) == (
+        "t.json", "v", "mine")
+    args = compare.parse_args(make_compare_argv())  # nothing given: the preset
+    assert args.datasets == ["toy"] and args.out == "output/compare" and not args.frozen
+    assert not args.no_probes and args.table3 is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: merge-safe results, resuming (mocked steps)
+# ---------------------------------------------------------------------------------------------
 def test_merge_save_keeps_runs_of_a_parallel_process(compare, tmp_path):
     path = str(tmp_path / "results.json")
-    compare.merge_save(path, {"toy/erf/seed0": rec("erf", 0, 1.0)})
-    mine = {"toy/erf/seed1": rec("erf", 1, 2.0)}  # a second process that never saw seed0
+    compare.merge_save(path, {"toy/erf/seed0/finetune@x": rec("erf", 0, 1.0)})
+    mine = {"toy/erf/seed1/finetune@x": rec("erf", 1, 2.0)}  # a process that never saw seed0
     merged = compare.merge_save(path, mine)
     with open(path) as f:
         on_disk = json.load(f)
-    assert set(on_disk) == set(merged) == {"toy/erf/seed0", "toy/erf/seed1"}
-    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+    assert set(on_disk) == set(merged) == {"toy/erf/seed0/finetune@x", "toy/erf/seed1/finetune@x"}
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary or lock file left behind
 
 
 def test_steps_import_the_checkout_without_pythonpath(compare, tmp_path, monkeypatch):
     # `python scripts/compare.py` from a plain shell: its train_net/finetune steps must still
     # import builder/ and montage_pretrain/ (a missing PYTHONPATH once failed every pre-training).
     monkeypatch.delenv("PYTHONPATH", raising=False)
-    import sys
     log = tmp_path / "step.log"
     compare.run([sys.executable, "-c", "import builder.bank, montage_pretrain.losses"], str(log))
     assert "Error" not in log.read_text()
+
+
+def _coco(path, n_images=2):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "images": [dict(id=i, file_name=f"{i}.jpg", width=64, height=64) for i in range(n_images)],
+        "annotations": [dict(id=i, image_id=i, category_id=1, bbox=[1, 1, 9, 9], area=81,
+                             iscrowd=0) for i in range(n_images)],
+        "categories": [dict(id=1, name="thing")]}))
+
+
+class FakeSteps:
+    """Stands in for ``compare.run``: writes what each step would write, counts the steps."""
+
+    def __init__(self, export_name):
+        self.calls, self.export_name = [], export_name
+
+    def __call__(self, cmd, log_path, env=None):
+        assert env["OMP_NUM_THREADS"] == "1"
+        opts = dict(zip(cmd, cmd[1:]))
+        script = cmd[1] if cmd[1] != "-m" else cmd[2]
+        self.calls.append((os.path.basename(script), opts.get("MONTAGE.LOSS") or
+                           opts.get("MODEL.WEIGHTS") or opts.get("--weights"),
+                           "--eval-only" in cmd))
+        if script == "builder":
+            open(opts["--out"], "w").close()
+        elif script.endswith("train_net.py"):
+            assert opts["DATALOADER.NUM_WORKERS"] == "1" and opts["CUDNN_BENCHMARK"] == "False"
+            open(os.path.join(opts["OUTPUT_DIR"], self.export_name), "w").close()
+        elif script.endswith("finetune_net.py"):
+            os.makedirs(opts["OUTPUT_DIR"], exist_ok=True)
+            ap = 1.0 if opts["MODEL.WEIGHTS"] == "" else 3.0
+            ap += 0.5 * float(opts.get("SEED", 0)) + float(opts.get("SOLVER.MAX_ITER", 0)) / 1000
+            with open(os.path.join(opts["OUTPUT_DIR"], "metrics_final.json"), "w") as f:
+                json.dump({"bbox": dict(AP=ap, AP50=2 * ap, AP75=ap / 2)}, f)
+            open(os.path.join(opts["OUTPUT_DIR"], "model_final.pth"), "w").close()
+        elif script.endswith("probe.py"):
+            stages = {s: dict(knn_top1=50.0, linear_top1=60.0) for s in ("res4", "res5")}
+            with open(opts["--json"], "w") as f:
+                json.dump({"results": [dict(weights=opts["--weights"], **stages)]}, f)
+        # wall s, CPU s: pre-training 100, fine-tuning 200 -> scratch_long 1.5x the iterations
+        return 1.0, 100.0 if script.endswith("train_net.py") else 200.0
+
+
+def test_finished_runs_are_skipped_and_only_what_changed_reruns(compare, tmp_path,
+                                                                monkeypatch, capsys):
+    fake = FakeSteps(compare.EXPORT_NAME)
+    monkeypatch.setattr(compare, "run", fake)
+    monkeypatch.setattr(compare, "probe_script_found", lambda: True)
+    data = tmp_path / "data" / "mine"
+    for n, split in enumerate(("train", "valid", "test")):
+        _coco(data / split / "_annotations.coco.json", n_images=2 + n)
+    out = tmp_path / "out"
+
+    def main(split="valid", *extra):
+        return compare.main([
+            "--out", str(out), "--quick", "1", "--arms", "scratch,erf", "--seeds", "0,1",
+            "--train-json", str(data / "train/_annotations.coco.json"),
+            "--train-images", str(data / "train"),
+            "--val-json", str(data / f"{split}/_annotations.coco.json"),
+            "--val-images", str(data / split), "--frozen", "--table3", *extra])
+
+    main()
+    steps = [c[0] for c in fake.calls]
+    # 1 bank; per seed: erf pre-training, 2 probes, 2 x (fine-tuning + frozen), scratch_long
+    assert steps.count("builder") == 1 and steps.count("train_net.py") == 2
+    assert steps.count("probe.py") == 4 and steps.count("finetune_net.py") == 10
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert len(results) == 2 * (1 + 2 + 4 + 1)
+    long = [r for r in results.values() if r["arm"] == "scratch_long"]
+    assert {r["iters"] for r in long} == {18}  # 12 * (100 + 200) / 200
+    ft = next(r for r in results.values() if r["arm"] == "erf" and r["step"] == "finetune")
+    assert ft["settings"]["runtime"]["loader_workers"] == 1
+    assert ft["settings"]["runtime"]["omp_num_threads"] == 1
+    assert ft["command"].startswith("OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ")
+    assert "MODEL.BACKBONE.FREEZE_AT" not in ft["command"]
+    assert ft["pretrain_cpu_s"] == 100.0 and ft["environment"]["torch"]
+    table = capsys.readouterr().out
+    assert "scratch_long" in table and "Table 3 view" in table and "Δ AP vs scratch" in table
+
+    fake.calls.clear()
+    main()  # everything finished at these settings: nothing runs
+    assert fake.calls == []
+
+    main("test")  # another eval split: the trained detectors are evaluated, probes rerun
+    assert {c[0] for c in fake.calls} == {"finetune_net.py", "probe.py"}
+    assert all(c[2] for c in fake.calls if c[0] == "finetune_net.py")
+    assert len(fake.calls) == 2 * (2 + 5)
+
+    fake.calls.clear()
+    main("valid", "--finetune-iters", "20")  # another fine-tuning length: no new pre-training
+    assert {c[0] for c in fake.calls} == {"finetune_net.py"}
+    assert not any(c[2] for c in fake.calls)
