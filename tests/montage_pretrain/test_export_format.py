@@ -3,10 +3,9 @@ import os
 import pickle
 
 import pytest
-import torch
 
-from detectron2.config import get_cfg
-from montage_pretrain.config import add_montage_config, merge_config_file
+from finetune_helpers import TOY, finetune_cfg
+from montage_pretrain.config import merge_config_file
 from montage_pretrain.export_format import (
     SETTING_KEYS,
     check_export_settings,
@@ -15,28 +14,7 @@ from montage_pretrain.export_format import (
     settings_to_overrides,
 )
 
-TOY = os.path.join(
-    os.path.dirname(__file__), "..", "..", "projects", "MontagePretrain", "configs", "finetune",
-    "demo", "faster_rcnn_R_18_FPN_toy.yaml",
-)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def export_path(make_r18_export):
-    return make_r18_export(randomise=True, iteration=5)
-
-
-def finetune_cfg(config=TOY, *opts):
-    cfg = get_cfg()
-    add_montage_config(cfg)
-    merge_config_file(cfg, config)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", "3", *opts])
-    return cfg
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_pickle(path, data):

@@ -9,7 +9,25 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-__all__ = ["register_coco_dataset", "set_finetune_datasets", "set_num_classes"]
+__all__ = ["check_coco_paths", "register_coco_dataset", "set_finetune_datasets",
+           "set_num_classes"]
+
+
+def check_coco_paths(json_file, image_root, what="dataset"):
+    """
+    Raises FileNotFoundError (one line, naming ``what`` and the fix) unless ``json_file`` is a
+    file and ``image_root`` a folder.
+    """
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(
+            f"COCO annotation file not found: {json_file} ({what}); pass an existing "
+            "instances_*.json (--train-json/--val-json), or write the toy set with `make toy`."
+        )
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(
+            f"Image folder not found: {image_root} ({what}); pass the folder holding the "
+            "json's file_name entries (--train-images/--val-images)."
+        )
 
 
 def register_coco_dataset(name, json_file, image_root):
@@ -28,16 +46,7 @@ def register_coco_dataset(name, json_file, image_root):
         FileNotFoundError: the json or the image folder is missing.
         ValueError: ``name`` is already registered with other paths.
     """
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(
-            f"COCO annotation file not found: {json_file} (dataset {name!r}); pass an existing "
-            "instances_*.json (--train-json/--val-json), or write the toy set with `make toy`."
-        )
-    if not os.path.isdir(image_root):
-        raise FileNotFoundError(
-            f"Image folder not found: {image_root} (dataset {name!r}); pass the folder holding "
-            "the json's file_name entries (--train-images/--val-images)."
-        )
+    check_coco_paths(json_file, image_root, f"dataset {name!r}")
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         same = os.path.abspath(meta.get("json_file", "")) == os.path.abspath(json_file) and (

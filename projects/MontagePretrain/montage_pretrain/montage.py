@@ -275,9 +275,14 @@ def _cover_crop(x, sizes, index, out_hw, flip, scale_jitter, color_jitter, gener
     x0 = ox * (w - win_w).clamp(min=0)
     boxes = torch.stack([index.to(dev).float(), x0, y0, x0 + win_w, y0 + win_h], dim=1)
     out = _resample(x, boxes, (rh, rw), 1.0 / s, max_sampling_ratio)
+    return _flip_and_jitter(out, coin, flip, color_jitter, generator)
+
+
+def _flip_and_jitter(out, coin, flip, color_jitter, generator):
+    """Flips the resampled crops where ``coin`` is set (if ``flip``), then colour-jitters them."""
     if flip:
         # A select, not coin.nonzero() (a device sync).
-        out = torch.where(coin.view(n, 1, 1, 1), out.flip(-1), out)
+        out = torch.where(coin.view(-1, 1, 1, 1), out.flip(-1), out)
     if color_jitter > 0:
         out = _color_jitter(out, color_jitter, generator)
     return out
@@ -309,11 +314,7 @@ def _random_resized_crop(x, sizes, index, out_hw, flip, area, ratio, color_jitte
     y0, x0 = oy * (h - win_h), ox * (w - win_w)
     boxes = torch.stack([index.to(dev).float(), x0, y0, x0 + win_w, y0 + win_h], dim=1)
     out = _resample(x, boxes, (rh, rw), torch.maximum(win_h / rh, win_w / rw), max_sampling_ratio)
-    if flip:
-        out = torch.where(coin.view(n, 1, 1, 1), out.flip(-1), out)
-    if color_jitter > 0:
-        out = _color_jitter(out, color_jitter, generator)
-    return out
+    return _flip_and_jitter(out, coin, flip, color_jitter, generator)
 
 
 def _check_jitter(scale_jitter):

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from .datasets import check_coco_paths
+
 __all__ = [
     "DEFAULT_CONFIG", "BoxSet", "knn_predict", "knn_top1", "linear_probe", "load_boxes",
     "build_probe_config", "build_probe_model", "extract_features", "probe_exports",
@@ -248,16 +250,7 @@ def load_boxes(json_file, image_root, max_boxes=None, categories=None):
     from detectron2.data.datasets import load_coco_json
     from detectron2.structures import BoxMode
 
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(
-            f"COCO annotation file not found: {json_file}; pass an existing instances json "
-            "(--train-json/--val-json), e.g. written by scripts/make_toy_coco.py --out DIR."
-        )
-    if not os.path.isdir(image_root):
-        raise FileNotFoundError(
-            f"Image folder not found: {image_root}; pass the folder holding the file_name "
-            f"entries of {json_file} (--train-images/--val-images)."
-        )
+    check_coco_paths(json_file, image_root, "probe boxes")
     own_ids, own_names = _json_categories(json_file)
     ids, names = categories if categories is not None else (own_ids, own_names)
     id_map = {cid: i for i, cid in enumerate(ids)}
