@@ -66,8 +66,45 @@ SCRATCH_CONFIG = f"{PROJECT}/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scra
 PROBE_SCRIPT = "scripts/probe.py"
 # train_net.py exports OUTPUT_DIR/MONTAGE.EXPORT_NAME; these pre-training runs keep the default.
 EXPORT_NAME = default_export_name()
+PRETRAIN_GN_CONFIG = f"{PROJECT}/configs/demo/montage_R_18_toy_gn.yaml"
+FINETUNE_GN_CONFIG = f"{PROJECT}/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_gn.yaml"
 VARIANTS = ("scratch", "single", "global", "blockwise", "erf")
-ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:]
+# The hand-off arms (norm of pre-training and detector): scratch with trainable BN (the twin of
+# erf's BN detector), ERF pre-trained with GN into the GN detector (the twin of scratch), and
+# erf's own export handed to FrozenBN with stem + res2 frozen (the paper's hand-off).
+NORM_ARMS = ("scratch_bn", "erf_gn", "erf_frozenbn")
+ARMS = VARIANTS + NORM_ARMS
+ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:] + NORM_ARMS
+
+
+def arm_spec(arm):
+    """
+    What an arm runs: ``pretrain`` (config, MONTAGE.LOSS) or None; ``pretrain_of``: the arm
+    whose pre-training (and probe) it shares; the fine-tuning ``config`` and extra ``opts``;
+    whether it has its own ``probe`` and ``frozen`` runs; ``ref``: the scratch arm of the same
+    detector norm, its paired baseline in the hand-off table.
+    """
+    if arm in ("scratch", "scratch_long"):
+        return dict(pretrain=None, config=SCRATCH_CONFIG, opts=[], probe=True, frozen=True,
+                    ref="scratch")
+    if arm == "scratch_bn":  # random init, trainable BN, FREEZE_AT 0: erf's detector
+        return dict(pretrain=None, config=FINETUNE_CONFIG, opts=[], probe=False, frozen=False,
+                    ref="scratch_bn")
+    if arm == "erf_gn":
+        return dict(pretrain=(PRETRAIN_GN_CONFIG, "erf"), config=FINETUNE_GN_CONFIG, opts=[],
+                    probe=True, frozen=True, ref="scratch")
+    if arm == "erf_frozenbn":  # its frozen-backbone run would be erf's: FREEZE_AT 5 either way
+        return dict(pretrain_of="erf", config=FINETUNE_CONFIG,
+                    opts=["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2"],
+                    probe=False, frozen=False, ref="scratch_bn")
+    return dict(pretrain=(PRETRAIN_CONFIG, arm), config=FINETUNE_CONFIG, opts=[], probe=True,
+                frozen=True, ref="scratch_bn" if arm == "erf" else "scratch")
+
+
+def pretrain_arm(arm):
+    """The arm under whose name ``arm``'s pre-training is run and recorded (None: scratch)."""
+    spec = arm_spec(arm)
+    return spec.get("pretrain_of") or (arm if spec.get("pretrain") else None)
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 
 # Preset defaults: fine-tuning iterations, fine-tuning shorter side, arms. coco_tiny fine-tunes
@@ -119,7 +156,7 @@ def parse_args(argv=None):
                    help="coco_tiny: keep the N most frequent categories")
     r = p.add_argument_group("what runs (default: by --quick and the dataset)")
     r.add_argument("--arms", "--variants", nargs="+", default=[],
-                   help=f"comma list of {','.join(VARIANTS)}")
+                   help=f"comma list of {','.join(ARMS)} (default: {','.join(VARIANTS)})")
     r.add_argument("--seeds", nargs="+", default=[], help="comma list of ints")
     r.add_argument("--pretrain-iters", type=int, default=None)
     r.add_argument("--finetune-iters", type=int, default=None)
@@ -151,14 +188,15 @@ def parse_args(argv=None):
             p.error(f"unknown --dataset {name}; presets: {', '.join(PRESETS)}")
     args.arms = parse_list(" ".join(args.arms))
     for arm in args.arms:
-        if arm not in VARIANTS:
-            p.error(f"unknown arm {arm}; arms: {', '.join(VARIANTS)} (scratch_long: --table3)")
+        if arm not in ARMS:
+            p.error(f"unknown arm {arm}; arms: {', '.join(ARMS)} (scratch_long: --table3)")
     try:
         args.seeds = parse_list(" ".join(args.seeds), int)
     except ValueError:
         p.error(f"--seeds {args.seeds}: a comma list of integers, e.g. 0,1,2")
-    if args.table3 and args.table3 not in VARIANTS[1:]:
-        p.error(f"--table3 takes a pre-trained arm ({', '.join(VARIANTS[1:])})")
+    if args.table3 and (args.table3 not in ARMS or not pretrain_arm(args.table3)):
+        p.error(f"--table3 takes a pre-trained arm "
+                f"({', '.join(a for a in ARMS if pretrain_arm(a))})")
     return args
 
 
@@ -330,8 +368,9 @@ def ft_size_opts(size):
 
 def pretrain_settings(plan, arm):
     n = plan["pretrain_iters"]
+    config, loss = arm_spec(pretrain_arm(arm))["pretrain"]
     return dict(data=dict(train_sha1=plan["train_sha1"], bank_seed=0),
-                runtime=runtime_settings(plan), config=PRETRAIN_CONFIG, loss=arm, iters=n,
+                runtime=runtime_settings(plan), config=config, loss=loss, iters=n,
                 input_size=plan["input_size"], warmup=max(1, min(30, n // 10)),
                 erf_period=max(1, n // 3))
 
@@ -339,10 +378,13 @@ def pretrain_settings(plan, arm):
 def finetune_settings(plan, arm, step):
     """Settings of a fine-tuning (``step`` "finetune" or "frozen"); the evaluation split is not
     part of them (a trained detector is evaluated on every split asked for)."""
-    pre = None if arm in ("scratch", "scratch_long") else pretrain_settings(plan, arm)
+    spec = arm_spec(arm)
+    pre = pretrain_settings(plan, arm) if pretrain_arm(arm) else None
     iters = f"total CPU of {plan['table3']}" if arm == "scratch_long" else plan["finetune_iters"]
-    ft = dict(config=FINETUNE_CONFIG if pre else SCRATCH_CONFIG, iters=iters,
-              ft_min_size=plan["ft_min_size"], frozen=step == "frozen")
+    ft = dict(config=spec["config"], iters=iters, ft_min_size=plan["ft_min_size"],
+              frozen=step == "frozen")
+    if spec["opts"]:  # absent otherwise: the settings (and sids) of the other arms unchanged
+        ft["opts"] = spec["opts"]
     if arm == "scratch_long":
         ft["matched_to"] = finetune_settings(plan, plan["table3"], "finetune")
     return dict(data=dict(train_sha1=plan["train_sha1"]), runtime=runtime_settings(plan),
@@ -350,9 +392,10 @@ def finetune_settings(plan, arm, step):
 
 
 def probe_settings(plan, arm):
-    pre = pretrain_settings(plan, arm) if arm != "scratch" else "random init"
+    pre = pretrain_settings(plan, arm) if pretrain_arm(arm) else "random init"
+    config = arm_spec(arm)["config"] if pretrain_arm(arm) else FINETUNE_CONFIG
     return dict(data=dict(train_sha1=plan["train_sha1"]), runtime=runtime_settings(plan),
-                pretrain=pre, probe=dict(script=PROBE_SCRIPT, config=FINETUNE_CONFIG,
+                pretrain=pre, probe=dict(script=PROBE_SCRIPT, config=config,
                                          opts=ft_size_opts(plan["ft_min_size"])[4:],
                                          max_boxes=plan["probe_max_boxes"]))
 
@@ -518,14 +561,16 @@ class Comparison:
         return path
 
     def pretrain(self, arm, seed):
+        """Pre-trains (once per pre-training arm and seed) and exports."""
+        arm = pretrain_arm(arm)
         settings = pretrain_settings(self.p, arm)
         sid = sid_of(settings)
         rec = self.done(arm, seed, "pretrain", sid)
         if rec and os.path.isfile(rec["export"]):
             return rec
         d = self.run_dir(arm, seed, "pretrain", sid)
-        cmd = [self.py, f"{PROJECT}/train_net.py", "--config-file", PRETRAIN_CONFIG,
-               "MONTAGE.BANK", self.bank(), "MONTAGE.LOSS", arm,
+        cmd = [self.py, f"{PROJECT}/train_net.py", "--config-file", settings["config"],
+               "MONTAGE.BANK", self.bank(), "MONTAGE.LOSS", settings["loss"],
                "MONTAGE.INPUT_SIZE", str(settings["input_size"]),
                "SOLVER.MAX_ITER", str(settings["iters"]),
                "SOLVER.WARMUP_ITERS", str(settings["warmup"]),
@@ -554,7 +599,7 @@ class Comparison:
         cmd = [self.py, PROBE_SCRIPT, "--weights", weights,
                "--train-json", self.p["train_json"], "--train-images", self.p["train_images"],
                "--val-json", self.p["val_json"], "--val-images", self.p["val_images"],
-               "--config-file", FINETUNE_CONFIG, "--threads", str(self.p["threads"]),
+               "--config-file", settings["probe"]["config"], "--threads", str(self.p["threads"]),
                "--seed", str(seed), "--json", out_json]
         if settings["probe"]["max_boxes"]:
             cmd += ["--max-boxes", str(settings["probe"]["max_boxes"])]
@@ -598,7 +643,8 @@ class Comparison:
             arm, seed, step, sid, settings, cmd, wall, cpu, d, iters=iters, warmup=warmup,
             lr_steps=steps, weights=weights, model=os.path.join(d, "model_final.pth"),
             pretrain_cpu_s=pre_rec["cpu_s"] if pre_rec else 0.0,
-            pretrain_key=self.key(arm, seed, "pretrain", pre_rec["sid"]) if pre_rec else None,
+            pretrain_key=self.key(pre_rec["arm"], seed, "pretrain", pre_rec["sid"])
+            if pre_rec else None,
             matched_to=matched, metrics=metrics,
             config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")))
         m = metrics[self.val_key]
@@ -613,7 +659,8 @@ class Comparison:
                 "--train-images", self.p["train_images"], "--val-json", self.p["val_json"],
                 "--val-images", self.p["val_images"], "--dataset-name",
                 "cmp_" + re.sub(r"\W", "_", self.p["name"]), "MODEL.WEIGHTS", weights,
-                "OUTPUT_DIR", out_dir] + ft_size_opts(self.p["ft_min_size"]) + self.pinned
+                "OUTPUT_DIR", out_dir] + ft_size_opts(self.p["ft_min_size"]) + self.pinned + \
+            settings["finetune"].get("opts", [])
 
     @staticmethod
     def _bbox(run_dir):
@@ -637,14 +684,14 @@ class Comparison:
     # -- one seed ------------------------------------------------------------------------------
     def seed(self, seed):
         for arm in self.p["arms"]:
-            pre, weights = None, ""
-            if arm != "scratch":
+            spec, pre, weights = arm_spec(arm), None, ""
+            if pretrain_arm(arm):
                 pre = self.pretrain(arm, seed)
                 weights = pre["export"]
-            if self.p["probes"]:
+            if self.p["probes"] and spec["probe"]:
                 self.probe(arm, seed, weights)
             ft = self.finetune(arm, seed, "finetune", weights, pre)
-            if self.p["frozen"]:
+            if self.p["frozen"] and spec["frozen"]:
                 self.finetune(arm, seed, "frozen", weights, pre)
             if arm == self.p["table3"]:
                 n = scratch_long_iters(self.p["finetune_iters"], ft["pretrain_cpu_s"],
@@ -656,9 +703,10 @@ class Comparison:
     def view(self):
         """What :func:`report` needs to select this comparison's records."""
         p = self.p
-        sids = {(arm, step): step_sid(p, arm, step) for arm in VARIANTS
+        sids = {(arm, step): step_sid(p, arm, step) for arm in ARMS
                 for step in ("finetune", "frozen", "probe")}
-        sids.update({(arm, "pretrain"): step_sid(p, arm, "pretrain") for arm in VARIANTS[1:]})
+        sids.update({(arm, "pretrain"): step_sid(p, arm, "pretrain") for arm in ARMS
+                     if pretrain_arm(arm) == arm})
         if p["table3"]:
             sids[("scratch_long", "finetune")] = step_sid(p, "scratch_long", "finetune")
         return dict(name=p["name"], val_key=self.val_key, sids=sids, table3=p["table3"],
@@ -825,6 +873,33 @@ def tables(values):
     return det, summary(probe, False) if probe else None, (per_head, per_rows)
 
 
+# (arm, pre-training norm, detector backbone norm) of the hand-off table, in row order.
+HANDOFF_ROWS = [("scratch", "-", "GN (+ FPN GN)"), ("erf_gn", "GN", "GN (+ FPN GN)"),
+                ("scratch_bn", "-", "BN, trainable"), ("erf", "BN", "BN, trainable"),
+                ("erf_frozenbn", "BN", "FrozenBN, FREEZE_AT 2")]
+
+
+def handoff_table(values):
+    """(headers, rows) comparing each hand-off with the scratch detector of its norm; None when
+    no hand-off arm (scratch_bn, erf_gn, erf_frozenbn) has results."""
+    if not any(a in values for a in NORM_ARMS):
+        return None
+    head = ["arm", "pre-training norm", "detector norm", "seeds", "AP", "Δ AP vs", "Δ AP",
+            "frozen AP", "Δ frozen AP"]
+    rows = []
+    for arm, pre_norm, det_norm in HANDOFF_ROWS:
+        if arm not in values:
+            continue
+        ref = arm_spec(arm)["ref"]
+        cells = []
+        for key in ("AP", "frozen_AP"):
+            got = [r[key] for r in values[arm].values() if r.get(key) is not None]
+            cells += [_fmt(got), "—" if arm == ref else _fmt_paired(paired(values, arm, key, ref))]
+        rows.append([arm, pre_norm, det_norm, len(values[arm]), cells[0],
+                     "—" if arm == ref else ref, cells[1], cells[2], cells[3]])
+    return head, rows
+
+
 def report(results, views, out):
     """Prints and writes (table.md) per dataset: detection AP and probes (mean ± std over seeds,
     paired difference to scratch: mean [min, max]), the per-seed values, and a chart."""
@@ -849,6 +924,12 @@ def report(results, views, out):
             per_seed_text = f", per seed {_per_seed(p)}" if p else ""
             text += [f"Table 3 view (equal total CPU time): {view['table3']} − scratch_long "
                      f"AP {_fmt_paired(p)}{per_seed_text}", ""]
+        handoff = handoff_table(values)
+        if handoff:
+            text += ["hand-off by norm: Δ = paired difference to the scratch detector of the same "
+                     "norm (scratch: GN, scratch_bn: trainable BN), mean [min, max]", "",
+                     tabulate(handoff[1], headers=handoff[0], tablefmt="github",
+                              disable_numparse=True), ""]
         if mixed:
             text += [f"note: the resolved config differs between seeds in {', '.join(mixed)}"
                      " (a config file changed between runs)", ""]

@@ -105,8 +105,9 @@ def bank_path(make_bank):
     return make_bank()
 
 
-def _r18_pretrain_cfg():
-    """A pre-training-like R-18 config: plain BN, torchvision-style RGB input, res5 kept."""
+def _r18_pretrain_cfg(norm="BN"):
+    """A pre-training-like R-18 config: ``norm`` (plain BN), torchvision-style RGB input, res5
+    kept."""
     from detectron2.config import get_cfg
     from montage_pretrain.config import add_montage_config
 
@@ -114,7 +115,7 @@ def _r18_pretrain_cfg():
     add_montage_config(cfg)
     cfg.merge_from_list([
         "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-        "MODEL.RESNETS.NORM", "BN", "MODEL.RESNETS.STRIDE_IN_1X1", "False",
+        "MODEL.RESNETS.NORM", norm, "MODEL.RESNETS.STRIDE_IN_1X1", "False",
         "MODEL.BACKBONE.FREEZE_AT", "0", "INPUT.FORMAT", "RGB",
         "MODEL.RESNETS.OUT_FEATURES", '["res5"]',  # the stock default ["res4"] prunes res5
         "MODEL.PIXEL_MEAN", "[123.675, 116.28, 103.53]",
@@ -126,9 +127,9 @@ def _r18_pretrain_cfg():
 @pytest.fixture(scope="session")
 def make_r18_export(tmp_path_factory):
     """
-    ``make_r18_export(randomise=False, iteration=0)`` writes an R-18 backbone export (+ its
-    ``.pkl.yaml``) and returns its path. ``randomise`` sets every weight and BN statistic to
-    random values, so a tensor that was not loaded cannot pass for a loaded one.
+    ``make_r18_export(randomise=False, iteration=0, norm="BN")`` writes an R-18 backbone export
+    (+ its ``.pkl.yaml``) and returns its path. ``randomise`` sets every weight and BN statistic
+    to random values, so a tensor that was not loaded cannot pass for a loaded one.
     """
     import torch
     from torch import nn
@@ -138,8 +139,8 @@ def make_r18_export(tmp_path_factory):
     from montage_pretrain.export import export_backbone
     from montage_pretrain.export_format import default_export_name
 
-    def make(randomise=False, iteration=0):
-        cfg = _r18_pretrain_cfg()
+    def make(randomise=False, iteration=0, norm="BN"):
+        cfg = _r18_pretrain_cfg(norm)
         torch.manual_seed(0)
         model = nn.Module()
         model.backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3))

@@ -11,6 +11,7 @@ FINETUNE = os.path.join(
     os.path.dirname(__file__), "..", "..", "projects", "MontagePretrain", "configs", "finetune"
 )
 TOY = os.path.join(FINETUNE, "demo", "faster_rcnn_R_18_FPN_toy.yaml")
+TOY_GN = os.path.join(FINETUNE, "demo", "faster_rcnn_R_18_FPN_toy_gn.yaml")
 
 
 def finetune_cfg(config=TOY, *opts):

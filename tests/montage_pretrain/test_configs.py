@@ -88,6 +88,8 @@ def test_lr_schedule_is_warmup_then_cosine_to_zero():
     ("MONTAGE.SPLIT", 0.4, "MONTAGE.SPLIT"),
     ("INPUT.FORMAT", "BGR", "INPUT.FORMAT"),
     ("SOLVER.IMS_PER_BATCH", 7, "divisible"),
+    ("MODEL.RESNETS.NORM", "FrozenBN", "trainable norm"),
+    ("MODEL.RESNETS.NORM", "", "trainable norm"),
 ])
 def test_bad_config_gives_one_line_error(key, value, match):
     cfg = load(os.path.join(PROJECT, "configs", "montage_R_50.yaml"))
@@ -118,6 +120,11 @@ def test_lr_far_above_linear_scaling_warns(caplog):
     ("montage_R_50.yaml", "faster_rcnn_R_50_FPN_1x_montage.yaml"),
     ("montage_R_101.yaml", "faster_rcnn_R_101_C4_1x_montage.yaml"),
     ("montage_X101_32x4d.yaml", "faster_rcnn_X_101_32x4d_C4_1x_montage.yaml"),
+    ("montage_R_50_gn.yaml", "faster_rcnn_R_50_C4_1x_montage_gn.yaml"),
+    ("montage_R_50_gn.yaml", "faster_rcnn_R_50_FPN_1x_montage_gn.yaml"),
+    ("montage_R_50_gn.yaml", "mask_rcnn_R_50_FPN_3x_montage_gn.yaml"),
+    ("demo/montage_R_18_toy_gn.yaml", "demo/faster_rcnn_R_18_FPN_toy_gn.yaml"),
+    ("demo/montage_R_18_toy.yaml", "demo/faster_rcnn_R_18_FPN_toy.yaml"),
 ])
 def test_finetune_config_matches_its_pretraining_export(pretrain, finetune):
     """Each fine-tuning leaf accepts what its pre-training config records in the export."""
@@ -143,3 +150,46 @@ def test_scratch_c4_twin_uses_gn_in_backbone_and_head():
                                         "scratch_faster_rcnn_R_50_C4_1x_gn.yaml"))
     assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads" and cfg.MODEL.RESNETS.NORM == "GN"
     assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+
+
+@pytest.mark.parametrize("bn,gn", [
+    ("montage_R_50.yaml", "montage_R_50_gn.yaml"),
+    ("demo/montage_R_18_toy.yaml", "demo/montage_R_18_toy_gn.yaml"),
+    ("finetune/faster_rcnn_R_50_FPN_1x_montage.yaml", "finetune/faster_rcnn_R_50_FPN_1x_montage_gn.yaml"),
+    ("finetune/faster_rcnn_R_50_C4_1x_montage.yaml", "finetune/faster_rcnn_R_50_C4_1x_montage_gn.yaml"),
+    ("finetune/demo/faster_rcnn_R_18_FPN_toy.yaml", "finetune/demo/faster_rcnn_R_18_FPN_toy_gn.yaml"),
+])
+def test_gn_twins_differ_from_bn_configs_in_norms(bn, gn):
+    """A GN twin has GN wherever the detector has a norm, and keeps the BN config's schedule."""
+    def get(path):
+        cfg = get_cfg()
+        add_montage_config(cfg)
+        merge_config_file(cfg, os.path.join(PROJECT, "configs", path))
+        return cfg
+
+    b, g = get(bn), get(gn)
+    assert g.MODEL.RESNETS.NORM == "GN" and b.MODEL.RESNETS.NORM != "GN"
+    assert g.MODEL.WEIGHTS == "" or "gn" in g.MODEL.WEIGHTS  # never a BN export's path
+    if "FPN" in g.MODEL.BACKBONE.NAME.upper():
+        assert g.MODEL.FPN.NORM == "GN"
+    if g.MODEL.META_ARCHITECTURE == "MontageClassifier":
+        assert not g.TEST.PRECISE_BN.ENABLED  # nothing to recompute
+    for key in ("SOLVER.MAX_ITER", "SOLVER.BASE_LR", "SOLVER.IMS_PER_BATCH", "INPUT.FORMAT",
+                "MODEL.RESNETS.DEPTH", "MODEL.PIXEL_MEAN"):
+        a, c = b, g
+        for part in key.split("."):
+            a, c = a[part], c[part]
+        assert a == c, key
+
+
+def test_gn_detector_twin_differs_from_scratch_only_in_weights():
+    def get(path):
+        cfg = get_cfg()
+        add_montage_config(cfg)
+        merge_config_file(cfg, os.path.join(PROJECT, "configs", "finetune", "demo", path))
+        return cfg
+
+    scratch, gn = get("faster_rcnn_R_18_FPN_toy_scratch.yaml"), get("faster_rcnn_R_18_FPN_toy_gn.yaml")
+    assert gn.MODEL.WEIGHTS and not scratch.MODEL.WEIGHTS
+    gn.MODEL.WEIGHTS = ""
+    assert gn.dump() == scratch.dump()

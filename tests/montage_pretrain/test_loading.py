@@ -5,7 +5,7 @@ import pickle
 import pytest
 
 from detectron2.modeling import build_model
-from finetune_helpers import FINETUNE, TOY, finetune_cfg
+from finetune_helpers import FINETUNE, TOY, TOY_GN, finetune_cfg
 from montage_pretrain.export_format import read_export
 from montage_pretrain.loading import backbone_keys, load_and_verify, read_checked_weights
 
@@ -97,3 +97,42 @@ def test_c4_backbone_keys_include_roi_heads_res5():
     assert any(k.startswith("roi_heads.res5.") for k in keys)
     assert any(k.startswith("backbone.res4.") for k in keys)
     assert len(keys) == 265
+
+
+def test_gn_export_loads_every_tensor_into_gn_detector(gn_export_path):
+    """GN export -> GN detector (backbone and FPN GN): every backbone tensor from the file."""
+    cfg = finetune_cfg(TOY_GN, "MODEL.WEIGHTS", gn_export_path)
+    export = read_checked_weights(cfg)
+    assert export.settings["MODEL.RESNETS.NORM"] == "GN"
+    model = build_model(cfg)
+    assert type(model.backbone.bottom_up.res2[0].conv1.norm).__name__ == "GroupNorm"
+    summary = load_and_verify(model, export)
+    # R-18 with GN: 20 convs x (weight + norm weight + norm bias), no running statistics
+    assert summary["loaded"] == summary["total"] == 60 and not summary["not_loaded"]
+    state = model.backbone.bottom_up.state_dict()
+    for name, value in export.weights.items():
+        assert (state[name].numpy() == value).all(), name
+
+
+@pytest.mark.parametrize("config,weights,want,have", [
+    (TOY_GN, "bn", "BN", "GN"),          # BN export into a GN detector
+    (TOY, "gn", "GN", "BN"),             # GN export into a trainable-BN detector
+    (os.path.join(FINETUNE, "faster_rcnn_R_50_FPN_1x_montage.yaml"), "gn", "GN", "FrozenBN"),
+])
+def test_norm_mismatch_is_one_line_naming_both(config, weights, want, have, export_path,
+                                               gn_export_path):
+    path = {"bn": export_path, "gn": gn_export_path}[weights]
+    opts = ["MODEL.WEIGHTS", path]
+    if "R_50" in config:  # the R-18 export's shape, so that only the norm differs
+        opts += ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
+    with pytest.raises(ValueError) as e:
+        read_checked_weights(finetune_cfg(config, *opts))
+    msg = str(e.value)
+    assert "\n" not in msg and path in msg
+    assert f"MODEL.RESNETS.NORM is {have!r} in the config but the export was pre-trained " \
+           f"with {want!r}" in msg
+    # the fix names the norm only (the other settings match), and the matching configs
+    fix = msg.split("Fix: ")[1]
+    assert "MODEL.PIXEL_MEAN" not in fix and "DEPTH" not in fix
+    assert ("MODEL.RESNETS.NORM GN" in fix) == (want == "GN")
+    assert ("_montage_gn.yaml" in fix) == (want == "GN")

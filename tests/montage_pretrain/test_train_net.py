@@ -63,3 +63,29 @@ def test_pretrain_end_to_end_then_resume(train_net, bank_path, tmp_path):
     trainer.train()
     resumed = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     assert int(resumed["erf_iter"]) == 3
+
+
+def test_gn_pretraining_hands_off_to_gn_detector(train_net, bank_path, tmp_path):
+    """MODEL.RESNETS.NORM GN: pre-trains (PreciseBN / BN calibration have nothing to do), the
+    export records GN and holds no running statistics, and the GN toy detector loads every
+    backbone tensor of it unchanged."""
+    from detectron2.modeling import build_model
+    from finetune_helpers import TOY_GN, finetune_cfg
+    from montage_pretrain.loading import load_and_verify, read_checked_weights
+
+    out = tmp_path / "gn"
+    run(train_net, bank_path, out, extra=["MODEL.RESNETS.NORM", "GN", "SOLVER.MAX_ITER", "3"])
+    export = str(out / "montage_backbone.pkl")
+    with open(export, "rb") as f:
+        data = pickle.load(f)
+    assert data["montage"]["MODEL.RESNETS.NORM"] == "GN" and data["montage"]["iteration"] == 3
+    assert not any("running" in k for k in data["model"])
+    assert "NORM: GN" in (out / "montage_backbone.pkl.yaml").read_text()
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+
+    cfg = finetune_cfg(TOY_GN, "MODEL.WEIGHTS", export)
+    model = build_model(cfg)
+    summary = load_and_verify(model, read_checked_weights(cfg))
+    assert summary["loaded"] == summary["total"] == 60
+    state = model.backbone.bottom_up.state_dict()
+    assert all(torch.equal(state[k], final["backbone." + k]) for k in data["model"])

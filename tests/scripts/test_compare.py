@@ -299,3 +299,51 @@ def test_finished_runs_are_skipped_and_only_what_changed_reruns(compare, tmp_pat
     main("valid", "--finetune-iters", "20")  # another fine-tuning length: no new pre-training
     assert {c[0] for c in fake.calls} == {"finetune_net.py"}
     assert not any(c[2] for c in fake.calls)
+
+
+def test_handoff_arms_share_pretraining_and_pair_with_their_norm(compare, tmp_path, monkeypatch,
+                                                                 capsys):
+    """scratch_bn / erf_gn / erf_frozenbn (issue 13): erf_frozenbn fine-tunes erf's own export
+    with FrozenBN + FREEZE_AT 2 (no second pre-training), erf_gn pre-trains and fine-tunes with the
+    GN configs, and the hand-off table pairs each arm with the scratch detector of its norm."""
+    fake = FakeSteps(compare.EXPORT_NAME)
+    monkeypatch.setattr(compare, "run", fake)
+    monkeypatch.setattr(compare, "probe_script_found", lambda: True)
+    data = tmp_path / "data" / "mine"
+    for split in ("train", "valid"):
+        _coco(data / split / "_annotations.coco.json")
+    out = tmp_path / "out"
+    compare.main([
+        "--out", str(out), "--quick", "1", "--seeds", "0,1",
+        "--arms", "scratch,scratch_bn,erf,erf_gn,erf_frozenbn",
+        "--train-json", str(data / "train/_annotations.coco.json"),
+        "--train-images", str(data / "train"),
+        "--val-json", str(data / "valid/_annotations.coco.json"), "--val-images", str(data / "valid")])
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    pre = [r for r in results.values() if r["step"] == "pretrain"]
+    assert sorted({r["arm"] for r in pre}) == ["erf", "erf_gn"] and len(pre) == 4
+    gn_pre = next(r for r in pre if r["arm"] == "erf_gn")
+    assert "montage_R_18_toy_gn.yaml" in gn_pre["command"] and "MONTAGE.LOSS erf" in gn_pre["command"]
+    ft = {(r["arm"], r["seed"]): r for r in results.values() if r["step"] == "finetune"}
+    frozenbn, erf = ft[("erf_frozenbn", 0)], ft[("erf", 0)]
+    assert frozenbn["weights"] == erf["weights"] != ""           # the same export
+    assert frozenbn["pretrain_key"] == erf["pretrain_key"]
+    assert "MODEL.RESNETS.NORM FrozenBN MODEL.BACKBONE.FREEZE_AT 2" in frozenbn["command"]
+    assert "faster_rcnn_R_18_FPN_toy_gn.yaml" in ft[("erf_gn", 0)]["command"]
+    assert ft[("scratch_bn", 0)]["weights"] == "" and \
+        "faster_rcnn_R_18_FPN_toy.yaml" in ft[("scratch_bn", 0)]["command"]
+    probes = {r["arm"] for r in results.values() if r["step"] == "probe"}
+    assert probes == {"scratch", "erf", "erf_gn"}  # scratch_bn / erf_frozenbn: nothing new
+    gn_probe = next(r for r in results.values() if r["step"] == "probe" and r["arm"] == "erf_gn")
+    assert "faster_rcnn_R_18_FPN_toy_gn.yaml" in gn_probe["command"]
+
+    out_text = capsys.readouterr().out
+    assert "hand-off by norm" in out_text
+    rows = {c[0]: c for c in map(cells, out_text.splitlines())
+            if c and c[0] in ("erf", "erf_gn", "erf_frozenbn", "scratch_bn") and len(c) == 9}
+    # FakeSteps: AP = 1 (random init) or 3 (export) + 0.5 * seed + iterations / 1000
+    assert rows["erf"][5:7] == ["scratch_bn", "+2.00 [+2.00, +2.00]"]
+    assert rows["erf_gn"][5:7] == ["scratch", "+2.00 [+2.00, +2.00]"]
+    assert rows["erf_frozenbn"][5:7] == ["scratch_bn", "+2.00 [+2.00, +2.00]"]
+    assert rows["scratch_bn"][5:7] == ["—", "—"]

@@ -3,7 +3,10 @@ from detectron2.config import CfgNode as CN
 
 from .montage import MontageTemplate
 
-__all__ = ["add_montage_config", "assert_montage_cfg"]
+__all__ = ["add_montage_config", "assert_montage_cfg", "TRAINABLE_NORMS"]
+
+# Values of MODEL.RESNETS.NORM that pre-training accepts (the export records which one).
+TRAINABLE_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "GN")
 
 
 def add_montage_config(cfg):
@@ -126,7 +129,16 @@ def assert_montage_cfg(cfg, world_size=1):
             "features collapsed in our runs: check the export with scripts/feature_rank.py or "
             "lower it",
             cfg.SOLVER.BASE_LR, cfg.SOLVER.BASE_LR / scaled, cfg.SOLVER.IMS_PER_BATCH, scaled)
-    if cfg.MODEL.RESNETS.NORM in ("SyncBN", "naiveSyncBN") and world_size == 1:
+    norm = cfg.MODEL.RESNETS.NORM
+    if norm not in TRAINABLE_NORMS:
+        # FrozenBN (or no norm) cannot train a ResNet from random init; GN is Detectron2's
+        # GroupNorm(32, C), the only group count its "GN" builds.
+        raise ValueError(
+            f"MODEL.RESNETS.NORM={norm!r}: pre-training starts from random init and needs a "
+            f"trainable norm; use one of {', '.join(TRAINABLE_NORMS)} (BN for BN/FrozenBN "
+            "detectors, GN for GN detectors)"
+        )
+    if norm in ("SyncBN", "naiveSyncBN") and world_size == 1:
         logger.warning("MODEL.RESNETS.NORM=%s on one process: using plain BN", cfg.MODEL.RESNETS.NORM)
         cfg.MODEL.RESNETS.NORM = "BN"
     if not torch.cuda.is_available():

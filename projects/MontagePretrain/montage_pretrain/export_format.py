@@ -71,6 +71,9 @@ SETTING_KEYS = (
 BN_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "FrozenBN")
 # The fine-tuning overrides are written next to the export as <export>.pkl.yaml.
 SIDECAR_SUFFIX = ".yaml"
+# Which fine-tuning configs suit an export's norm family (named in the norm-mismatch error).
+_NORM_CONFIGS = {"BN": "configs/finetune/*_montage.yaml (FrozenBN)",
+                 "GN": "configs/finetune/*_montage_gn.yaml (GN)"}
 # Settings compared only when both sides build a ResNet.
 _RESNET_KEYS = tuple(
     k for k in SETTING_KEYS if k.startswith("MODEL.RESNETS.") and k != "MODEL.RESNETS.NORM"
@@ -308,7 +311,7 @@ def check_export_settings(cfg, export):
     if settings is None:
         return None
     family = _backbone_family(settings.get("MODEL.BACKBONE.NAME"))
-    mismatches = []
+    mismatches, keys_off = [], []
     cfg_family = _backbone_family(cfg.MODEL.BACKBONE.NAME)
     if family and cfg_family != family:
         mismatches.append(
@@ -328,22 +331,33 @@ def check_export_settings(cfg, export):
             mismatches.append(
                 f"{key} is {_fmt(have)} in the config but {_fmt(settings[key])} in the export"
             )
+            keys_off.append(key)
     want_norm = settings.get("MODEL.RESNETS.NORM")
     have_norm = cfg.MODEL.RESNETS.NORM
     if want_norm and (want_norm in BN_NORMS) != (have_norm in BN_NORMS):
+        # A BN export carries running statistics a GN layer has no place for, and a GN export
+        # lacks the statistics a BN/FrozenBN layer needs: no tensor-by-tensor fix exists.
         mismatches.append(
             f"MODEL.RESNETS.NORM is {have_norm!r} in the config but the export was pre-trained "
             f"with {want_norm!r}"
         )
+        keys_off.append("MODEL.RESNETS.NORM")
     elif want_norm and want_norm not in BN_NORMS and have_norm != want_norm:
         mismatches.append(
             f"MODEL.RESNETS.NORM is {have_norm!r} in the config but {want_norm!r} in the export"
         )
+        keys_off.append("MODEL.RESNETS.NORM")
     if mismatches:
-        fix = format_opts(settings_to_overrides(settings))
+        overrides = settings_to_overrides(settings)
+        fix = format_opts({k: overrides[k] for k in keys_off if k in overrides})
+        if "MODEL.RESNETS.NORM" in keys_off:
+            family_norm = "BN" if want_norm in BN_NORMS else "GN"
+            fix += (f" (or use a detector config of the export's norm: {want_norm} export -> "
+                    f"{_NORM_CONFIGS[family_norm]})")
         raise ValueError(
             f"{export.path} does not match the fine-tuning config: " + "; ".join(mismatches)
-            + f". Fix: pass --weights-config {export.path}{SIDECAR_SUFFIX}, or set {fix}"
+            + f". Fix: pass --weights-config {export.path}{SIDECAR_SUFFIX}"
+            + (f", or set {fix}" if fix.strip() else "")
         )
     logger.info(
         "Pixel format and backbone shape match the export %s (pre-training iteration %s)",
