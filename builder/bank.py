@@ -42,10 +42,11 @@ Conventions of the writer (``python -m builder build``, version 1.0), for reader
   placed_by_pass, shortfall, images_exhausted, exhausted_image_ids (first 20)}, ``problems``
   {kind: count}.
 - The ``format`` attribute is written last, and the file appears under its name only when
-  complete (``os.replace`` of ``NAME.tmp-<pid>``).
+  complete (``os.replace`` of ``NAME.tmp-<pid>-<host>``; builder/writer.py).
 """
 import json
 import os
+import re
 
 import cv2
 import h5py
@@ -54,7 +55,7 @@ import numpy as np
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "GROUPS", "GROUP_S", "GROUP_T", "GROUP_W",
     "S_MIN_ASPECT", "S_MAX_ASPECT", "group_of", "BankFormatError", "check_bank", "decode_attr",
-    "JSON_ATTRS",
+    "open_bank_file", "JSON_ATTRS",
     "SampleBank",
 ]
 
@@ -129,6 +130,44 @@ def check_bank(h5, path="<bank>"):
         )
 
 
+_REBUILD = "rebuild it with `python -m builder build ... --overwrite`"
+
+
+def open_bank_file(path):
+    """
+    Opens ``path`` read-only with h5py; a file that is not HDF5, truncated or unreadable raises
+    :class:`BankFormatError` naming the file and the fix instead of h5py's bare text.
+    """
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise  # SampleBank's own message covers it
+    except PermissionError:
+        raise BankFormatError(f"{path}: cannot read the bank (permission denied); fix its "
+                              "permissions") from None
+    except OSError as e:
+        text = str(e)
+        # h5py: "Unable to synchronously open file (truncated file: eof = 55800, ...,
+        # stored_eof = 111600)" or "(file signature not found)".
+        if "signature not found" in text:
+            raise BankFormatError(
+                f"{path}: not an HDF5 file, so not a sample bank; pass the .h5 file that "
+                "`python -m builder build --out` wrote"
+            ) from None
+        if "unable to lock file" in text:
+            raise BankFormatError(
+                f"{path}: another process holds the file's HDF5 lock (a build still writing "
+                "it?); wait for it to finish, or set HDF5_USE_FILE_LOCKING=FALSE if none does"
+            ) from None
+        eof = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+        if eof:
+            what = f"truncated HDF5 file ({eof[1]} of {eof[2]} bytes: a copy or build cut short)"
+        else:
+            detail = re.search(r"\(([^()]*)\)\s*$", text)
+            what = f"cannot open it as HDF5 ({detail[1] if detail else text})"
+        raise BankFormatError(f"{path}: {what}; copy it again or {_REBUILD}") from None
+
+
 # OpenCV >= 4.10 decodes to RGB directly (same pixels as IMREAD_COLOR + BGR2RGB, one pass less).
 _IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
@@ -146,6 +185,10 @@ class SampleBank:
     cached; crops are read and decoded one at a time by :meth:`decode`, through the ``/crops``
     dataset object of this process's handle, kept (a lookup by name per crop costs more than
     the read).
+
+    A file that is not a whole bank (not HDF5, truncated, a group index past the last row, a
+    crop that does not decode) raises :class:`BankFormatError`: one line naming the file and
+    the fix, for ``builder info``/``show`` and ``MONTAGE.BANK`` alike.
     """
 
     def __init__(self, path):
@@ -174,7 +217,7 @@ class SampleBank:
             # here (closing would act on the parent's HDF5 state).
             self._check_exists()
             self._crops = None  # belonged to the forgotten handle
-            self._h5 = h5py.File(self.path, "r")
+            self._h5 = open_bank_file(self.path)
             self._pid = os.getpid()
             check_bank(self._h5, self.path)
         return self._h5
@@ -277,7 +320,19 @@ class SampleBank:
             np.ndarray: int64 sample indices of group g (ascending; may be empty).
         """
         name = GROUPS[int(g)]
-        return self._cached(f"index/{name}", lambda: self.h5[f"index/{name}"][()].astype(np.int64))
+
+        def read():
+            idx = self.h5[f"index/{name}"][()].astype(np.int64)
+            # A damaged index would otherwise fail later as a bare IndexError (or read garbage).
+            if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+                bad = idx.max() if idx.max() >= len(self) else idx.min()
+                raise BankFormatError(
+                    f"{self.path}: index/{name} holds row {bad} but the bank has {len(self)} rows "
+                    f"(0..{len(self) - 1}); the file is damaged, {_REBUILD}"
+                )
+            return idx
+
+        return self._cached(f"index/{name}", read)
 
     def __len__(self):
         return self._cached("len", lambda: int(self.h5["label"].shape[0]))
@@ -297,7 +352,11 @@ class SampleBank:
             img = cv2.imdecode(data, cv2.IMREAD_COLOR)
             img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if img is None:
-            raise ValueError(f"{self.path}: crop {i} could not be decoded ({data.size} bytes)")
+            # A BankFormatError (a ValueError) so the CLI prints it as one line.
+            raise BankFormatError(
+                f"{self.path}: crop {i} could not be decoded ({data.size} bytes); the file is "
+                f"damaged, {_REBUILD}"
+            )
         return img
 
     def __repr__(self):

@@ -17,17 +17,25 @@ Images without any annotation are never decoded: they host no positives, and an 
 image may simply be unlabelled, so it is no safe source of background.
 
 Determinism: every random draw comes from an RNG seeded by (seed, image_id, pass), results are
-consumed in task order (``Pool.imap``), so the bank does not depend on ``workers``.
+consumed in task order (``ProcessPoolExecutor.map``), so the bank does not depend on ``workers``.
+
+Failures: the build holds the output's lock (:class:`builder.output_lock.OutputLock`) from its
+existence check to the rename and first removes temp files of dead builds of that output; a
+worker that dies (OOM killer) fails the build at once naming it; SIGTERM is handled like Ctrl-C.
+Each ends with one error line, the temp file removed and any old bank untouched.
 """
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
-from collections import Counter
-from functools import partial
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import cv2
 import numpy as np
@@ -39,6 +47,7 @@ from . import extract
 from .extract import ExtractOptions, ImageTask, extract_image
 from .bank import GROUPS
 from .sampling import KEEP, SKIP_REASONS, allocate_negatives, allocate_shortfall, classify_boxes
+from .output_lock import OutputLock, remove_stale_temps
 from .writer import BankWriter
 
 __all__ = ["BuildError", "BuildOptions", "ProblemLog", "build_bank"]
@@ -47,8 +56,7 @@ logger = logging.getLogger(__name__)
 
 # Image ids listed per report entry (the counts stay exact; the lists are examples).
 _MAX_LISTED_IDS = 20
-# Images per worker hand-off, and images in flight per worker (about 10 crops of ~10 KB each).
-_CHUNKSIZE = 4
+# Images in flight per worker (about 10 crops of ~10 KB each).
 _WINDOW_PER_WORKER = 128
 
 
@@ -136,24 +144,95 @@ def _init_worker():
     cv2.setNumThreads(1)
 
 
+def _worker_died(processes):
+    """BuildError naming the worker that died; ``processes``: the pool's pid -> Process."""
+    codes = {pid: p.exitcode for pid, p in list(processes.items()) if p.exitcode}
+    # The pool then terminates (SIGTERM) the other workers: the culprit is the odd one out.
+    culprits = [pid for pid, c in codes.items() if c != -signal.SIGTERM] or list(codes)
+    if not culprits:
+        return BuildError(
+            "a worker process died while extracting crops; no output was written; "
+            "rerun with fewer --workers if memory is short"
+        )
+    pid, code = culprits[0], codes[culprits[0]]
+    if code < 0:
+        name = signal.Signals(-code).name
+        how = f"was killed by {name}" + (
+            " (usually the out-of-memory killer; see `dmesg`)" if -code == signal.SIGKILL else ""
+        )
+    else:
+        how = f"exited with status {code}"
+    return BuildError(
+        f"worker process pid {pid} {how} while extracting crops; the build stopped and "
+        "wrote no output; rerun with fewer --workers (or a smaller --max-side) to use less memory"
+    )
+
+
 def _run(tasks, opts, workers):
     """Yields one ImageResult per task, in task order."""
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             yield extract_image(task, opts)
         return
-    chunksize = max(1, min(_CHUNKSIZE, len(tasks) // (4 * workers)))
     # Not "fork": a parent that already ran OpenCV (its thread pool) can deadlock forked children
     # inside cv2.resize. The fork server is a clean process with the worker code pre-imported.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["builder.extract"])
-    fn = partial(extract_image, opts=opts)
-    # imap queues every task at once and buffers finished results until the parent takes them;
-    # feeding windows of tasks bounds the crops held in memory if the writer falls behind.
+    # Not multiprocessing.Pool: it replaces a worker killed by the OOM killer and waits forever
+    # for the lost task; this pool fails every pending task with BrokenProcessPool instead.
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
+    # The pool's live pid -> Process dict (private, so read defensively): the exit code of a
+    # dead worker for the message, the workers to stop on an error.
+    processes = getattr(pool, "_processes", {})  # the same dict object, filled as they start
+    # A bounded queue of futures, consumed in task order: finished crops wait for the writer in
+    # memory, so at most _WINDOW_PER_WORKER images per worker are in flight.
     window = _WINDOW_PER_WORKER * workers
-    with ctx.Pool(workers, initializer=_init_worker) as pool:
-        for start in range(0, len(tasks), window):
-            yield from pool.imap(fn, tasks[start : start + window], chunksize=chunksize)
+    pending = deque()
+    finished = False
+    try:
+        for task in tasks:
+            pending.append(pool.submit(extract_image, task, opts))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+        finished = True
+    except BrokenProcessPool:
+        pool.shutdown(wait=True)  # the pool terminates and joins the others: exit codes are final
+        raise _worker_died(processes) from None
+    finally:
+        if not finished:
+            # Error, Ctrl-C or SIGTERM: stop now, not after the tasks already handed out. No
+            # future is cancelled: Python 3.11's pool then crashes its thread when it fails them.
+            for p in list(processes.values()):
+                p.terminate()
+        pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """
+    Turns the first SIGTERM (``kill PID``, a scheduler's stop) into KeyboardInterrupt, so it
+    cleans up like Ctrl-C: workers stopped, temp file removed, old bank untouched, exit 130.
+    A second SIGTERM kills as usual. Python runs handlers only in the main thread: elsewhere,
+    and where SIGTERM is ignored or handled already, nothing changes.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _plan(dataset, opts, neg_ratio):
@@ -288,41 +367,8 @@ def _counts(dataset, options, tally, problems, num_planned, planned_pos, num_mis
     }
 
 
-def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
-    """
-    Builds the HDF5 sample bank ``out_path`` (format: :mod:`builder.bank`).
-
-    Args:
-        annotations (str): COCO instances json.
-        image_dir (str): directory of the images.
-        out_path (str): bank to write (atomically).
-        options (BuildOptions or None): settings; defaults if None.
-        build_args (dict or None): stored as the ``build_args`` attribute; defaults to the
-            paths plus ``options``.
-
-    Returns:
-        dict: ``{"out": path, "seconds": float, "counts": dict}``; ``counts`` is also stored in
-        the bank's ``counts`` attribute.
-
-    With ``workers > 1`` the workers come from a fork server, so a script calling this must
-    guard its entry point with ``if __name__ == "__main__":`` (as for any non-fork start).
-
-    Raises:
-        BuildError: output exists without ``overwrite``, no usable crops, or (``strict``) any
-            input problem. No output is written then.
-        builder.coco.CocoFormatError: the json is not a usable COCO instances file.
-    """
-    start = time.perf_counter()
-    options = options or BuildOptions()
-    if os.path.isdir(out_path):
-        raise BuildError(f"{out_path} is a directory; pass a file path such as {out_path}/bank.h5")
-    if os.path.exists(out_path) and not options.overwrite:
-        raise BuildError(f"{out_path} already exists; pass --overwrite to replace it")
-    if build_args is None:
-        build_args = dict(
-            annotations=annotations, images=image_dir, out=out_path, **dataclasses.asdict(options)
-        )
-
+def _build(annotations, image_dir, out_path, options, build_args):
+    """The build proper, under the output lock; returns the ``counts`` report."""
     dataset = load_coco(annotations, image_dir, options.max_images)
     problems = ProblemLog()
     for kind, message in dataset.problems:
@@ -356,7 +402,6 @@ def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
         raise _strict_error(problems)
     num_missing, tasks = len(tasks) - len(present), present
 
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BankWriter(out_path, encoding=options.encoding) as writer:
         spare = _run_pass(tasks, 0, opts, options, writer, tally, problems)
         for pass_index in range(1, options.max_passes + 1):
@@ -404,4 +449,50 @@ def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
                 "counts": counts,
             }
         )
+    return counts
+
+
+def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
+    """
+    Builds the HDF5 sample bank ``out_path`` (format: :mod:`builder.bank`).
+
+    Args:
+        annotations (str): COCO instances json.
+        image_dir (str): directory of the images.
+        out_path (str): bank to write (atomically).
+        options (BuildOptions or None): settings; defaults if None.
+        build_args (dict or None): stored as the ``build_args`` attribute; defaults to the
+            paths plus ``options``.
+
+    Returns:
+        dict: ``{"out": path, "seconds": float, "counts": dict}``; ``counts`` is also stored in
+        the bank's ``counts`` attribute.
+
+    With ``workers > 1`` the workers come from a fork server, so a script calling this must
+    guard its entry point with ``if __name__ == "__main__":`` (as for any non-fork start).
+
+    Raises:
+        BuildError: output exists without ``overwrite``, no usable crops, a worker process died,
+            or (``strict``) any input problem. No output is written then.
+        builder.output_lock.OutputBusyError: another build is writing ``out_path``.
+        builder.writer.BankWriteError: the bank could not be written (disk full, ...).
+        builder.coco.CocoFormatError: the json is not a usable COCO instances file.
+        KeyboardInterrupt: Ctrl-C or SIGTERM; the temp file is removed.
+    """
+    start = time.perf_counter()
+    options = options or BuildOptions()
+    if os.path.isdir(out_path):
+        raise BuildError(f"{out_path} is a directory; pass a file path such as {out_path}/bank.h5")
+    if build_args is None:
+        build_args = dict(
+            annotations=annotations, images=image_dir, out=out_path, **dataclasses.asdict(options)
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    # The lock spans the existence check to the final rename, so a second build of out_path
+    # fails at once naming this one instead of silently replacing (or being replaced by) it.
+    with _sigterm_as_interrupt(), OutputLock(out_path):
+        remove_stale_temps(out_path)
+        if os.path.exists(out_path) and not options.overwrite:
+            raise BuildError(f"{out_path} already exists; pass --overwrite to replace it")
+        counts = _build(annotations, image_dir, out_path, options, build_args)
     return {"out": out_path, "seconds": time.perf_counter() - start, "counts": counts}

@@ -19,7 +19,7 @@ from .build import BuildError, BuildOptions, build_bank
 from .coco import CocoFormatError
 from .info import format_summary, ratio_text, summarize_bank
 from .bank import BankFormatError
-from .show import write_grid
+from .show import check_png_path, write_grid
 
 # Defaults of `build`, declared once in BuildOptions (and extract.DEFAULT_*).
 _D = BuildOptions()
@@ -118,6 +118,14 @@ def _check_build_args(parser, args):
             parser.error(message)
 
 
+def _png_path(path):
+    try:
+        check_png_path(path)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return path
+
+
 def parse_args(argv=None):
     """
     Parses the command line.
@@ -136,7 +144,7 @@ def parse_args(argv=None):
     info.set_defaults(func=_cmd_info)
     show = sub.add_parser("show", help="write a PNG grid of random crops per group")
     show.add_argument("bank", metavar="BANK.h5")
-    show.add_argument("--out", required=True, metavar="GRID.png")
+    show.add_argument("--out", required=True, metavar="GRID.png", type=_png_path)
     show.add_argument("--per-group", type=int, default=8, help="crops per row (default 8)")
     show.add_argument("--cell", type=int, default=128, help="cell side in px (default 128)")
     show.add_argument("--seed", type=int, default=0, help="which crops are shown (default 0)")

@@ -9,7 +9,9 @@ names the item and the fix; the caller decides whether they are fatal (``--stric
 
 import json
 import logging
+import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,8 +76,34 @@ class CocoDataset:
     problems: list = field(default_factory=list)
 
 
+# The bank stores image ids as int64.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_int(value):
+    """
+    Returns ``value`` as an int when it is a whole number: an int, or an integral float such as
+    ``640.0`` (json writers that go through floats emit those); else None.
+    """
+    if _is_int(value):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _finite_box(bbox):
+    """True when the 4 numbers of an ``[x, y, w, h]`` box and its far corner are all finite."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except OverflowError:  # an int beyond float range
+        return False
+    # Python's json reads NaN, Infinity and -Infinity; a box with one would clip to a real crop.
+    return all(math.isfinite(v) for v in (x, y, w, h, x + w, y + h))
 
 
 def _read_json(json_path):
@@ -98,7 +126,7 @@ def _read_json(json_path):
 def _load_categories(cats, json_path, problems):
     by_id = {}
     for i, cat in enumerate(cats):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+        if not isinstance(cat, dict) or _as_int(cat.get("id")) is None:
             problems.append(
                 (
                     "bad_category",
@@ -106,6 +134,7 @@ def _load_categories(cats, json_path, problems):
                 )
             )
             continue
+        cat = {**cat, "id": _as_int(cat["id"])}
         if cat["id"] in by_id:
             problems.append(
                 (
@@ -124,29 +153,45 @@ def _load_categories(cats, json_path, problems):
     return ids, [by_id[i] for i in ids]
 
 
+def _image_problem(img):
+    """Returns what makes a json image entry unusable (for its message), or None if usable."""
+    if not isinstance(img, dict):
+        return "entry is not an object"
+    image_id = _as_int(img.get("id"))
+    if image_id is None:
+        return f"'id' {img.get('id')!r} is not a whole number"
+    if not _INT64_MIN <= image_id <= _INT64_MAX:
+        return "'id' is outside -2**63 .. 2**63-1 (the bank stores image ids as int64)"
+    if not isinstance(img.get("file_name"), str):
+        return f"'file_name' {img.get('file_name')!r} is not a string"
+    for key in ("width", "height"):
+        if key not in img:
+            return f"'{key}' is missing"
+        value = _as_int(img[key])
+        if value is None or value <= 0:
+            return f"'{key}' {img[key]!r} is not a whole number of pixels > 0"
+    return None
+
+
 def _load_images(images, max_images, problems):
-    """Returns the selected image entries (json order) and the set of all valid ids."""
-    selected, all_ids = [], set()
+    """
+    Returns the selected image entries (json order, id/width/height as ints), the set of all
+    valid ids, and ``{id: index in problems}`` of the rejected entries whose id is a whole number
+    (so their annotations are counted in that one line, not reported as orphans).
+    """
+    selected, all_ids, rejected = [], set(), {}
     for i, img in enumerate(images):
-        ok = (
-            isinstance(img, dict)
-            and _is_int(img.get("id"))
-            and isinstance(img.get("file_name"), str)
-            and _is_int(img.get("width"))
-            and _is_int(img.get("height"))
-            and img["width"] > 0
-            and img["height"] > 0
-        )
-        if not ok:
-            item = f"image {img.get('id')!r}" if isinstance(img, dict) else f"images[{i}]"
+        problem = _image_problem(img)
+        if problem is not None:
+            image_id = _as_int(img.get("id")) if isinstance(img, dict) else None
+            item = f"images[{i}]" if image_id is None else f"image {image_id}"
+            if image_id is not None:
+                rejected.setdefault(image_id, len(problems))
             problems.append(
-                (
-                    "bad_image_record",
-                    f"{item}: entry needs integer 'id', 'width', "
-                    "'height' > 0 and a 'file_name'; fix or remove it in the json",
-                )
+                ("bad_image_record", f"{item}: {problem}; fix or remove it in the json")
             )
             continue
+        img = {**img, **{k: _as_int(img[k]) for k in ("id", "width", "height")}}
         if img["id"] in all_ids:
             problems.append(
                 (
@@ -159,7 +204,7 @@ def _load_images(images, max_images, problems):
         all_ids.add(img["id"])
         if max_images is None or len(selected) < max_images:
             selected.append(img)
-    return selected, all_ids
+    return selected, all_ids, rejected
 
 
 def load_coco(json_path, image_dir, max_images=None):
@@ -198,8 +243,9 @@ def load_coco(json_path, image_dir, max_images=None):
     problems = []
     cat_ids, cat_names = _load_categories(data["categories"], json_path, problems)
     label_of = {cid: i for i, cid in enumerate(cat_ids)}
-    images, all_ids = _load_images(data["images"], max_images, problems)
+    images, all_ids, rejected = _load_images(data["images"], max_images, problems)
     per_image = {img["id"]: [] for img in images}
+    dropped = Counter()  # annotations of rejected image entries, by image id
 
     for i, ann in enumerate(data["annotations"]):
         ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
@@ -219,7 +265,19 @@ def load_coco(json_path, image_dir, max_images=None):
                 )
             )
             continue
-        image_id = ann["image_id"]
+        image_id = _as_int(ann["image_id"])
+        if image_id is None:
+            problems.append(
+                (
+                    "bad_annotation",
+                    f"annotation {ann_id}: image_id {ann['image_id']!r} is not a whole number; "
+                    "fix or remove it in the json",
+                )
+            )
+            continue
+        if image_id not in all_ids and image_id in rejected:  # reported with its image entry
+            dropped[image_id] += 1
+            continue
         if image_id not in all_ids:
             problems.append(
                 (
@@ -231,8 +289,17 @@ def load_coco(json_path, image_dir, max_images=None):
             continue
         if image_id not in per_image:  # image left out by --max-images
             continue
+        if not _finite_box(bbox):
+            problems.append(
+                (
+                    "bad_annotation",
+                    f"annotation {ann_id} (image {image_id}): bbox {bbox} has a NaN or infinite "
+                    "value; fix the box or remove the annotation in the json",
+                )
+            )
+            continue
         cid = ann.get("category_id")
-        label = label_of.get(cid, -1)
+        label = label_of.get(_as_int(cid), -1)
         if label < 0:
             problems.append(
                 (
@@ -243,6 +310,10 @@ def load_coco(json_path, image_dir, max_images=None):
                 )
             )
         per_image[image_id].append((bbox, label, bool(ann.get("iscrowd", 0))))
+
+    for image_id, n in dropped.items():
+        kind, message = problems[rejected[image_id]]
+        problems[rejected[image_id]] = (kind, f"{message} (its {n} annotation(s) are left out)")
 
     records, num_annotations = [], 0
     for img in images:

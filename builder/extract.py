@@ -3,9 +3,14 @@ Per-image work run in the builder's worker processes: decode the image once, cut
 and negative crops by slicing, downscale them (:func:`downscale`) and encode them once.
 
 Nothing here writes files or logs; problems travel back in :class:`ImageResult` so the parent
-reports them in image order.
+reports them in image order. The decoders' own stderr lines are caught during each decode
+(:func:`decode_image`): libjpeg's warnings about damaged data make the image ``corrupt_image``;
+anything else is passed on to stderr unchanged.
 """
 
+import os
+import tempfile
+import threading
 from dataclasses import dataclass, field
 
 import cv2
@@ -28,6 +33,7 @@ __all__ = [
     "ImageResult",
     "ImageReadError",
     "read_image",
+    "decode_image",
     "encode_crop",
     "downscale",
     "extract_image",
@@ -136,12 +142,132 @@ class ImageReadError(Exception):
         self.kind = kind
 
 
+# libjpeg's warnings about damaged scan data (jerror.h, JWRN_*). libjpeg prints only the first
+# warning of an image; each of these means pixels after the damage are grey or garbage.
+_JPEG_DAMAGE = (
+    b"Corrupt JPEG data",
+    b"Premature end of JPEG file",
+    b"Invalid SOS parameters",
+    b"Inconsistent progression sequence",
+)
+
+
+class _StderrCapture:
+    """
+    Collects what native code prints on file descriptor 2 during a call.
+
+    libjpeg (inside ``cv2.imdecode``) reports recoverable damage such as "Corrupt JPEG data: 30
+    extraneous bytes before marker 0xd9" only as a line on stderr and still returns an image,
+    grey or garbage after the damage; OpenCV offers no flag or error code for it. Pointing fd 2
+    at an in-memory file for the decode costs five system calls (a few microseconds, against
+    milliseconds for the decode). One file per process (reopened after a fork); a lock keeps
+    threads of one process from swapping fd 2 under each other.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._fd, self._pid = None, None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self):
+        self._lock = threading.Lock()  # a parent's thread may have held it at the fork
+
+    def _file(self):
+        if self._pid != os.getpid():
+            if hasattr(os, "memfd_create"):
+                self._fd = os.memfd_create("builder-decoder-messages", os.MFD_CLOEXEC)
+            else:
+                with tempfile.TemporaryFile() as f:
+                    self._fd = os.dup(f.fileno())
+            self._pid = os.getpid()
+        return self._fd
+
+    def call(self, fn, *args):
+        """Returns ``(fn(*args), bytes printed on fd 2 meanwhile)``."""
+        with self._lock:
+            fd = self._file()
+            try:
+                saved = os.dup(2)
+            except OSError:  # no stderr at all: nothing to capture
+                return fn(*args), b""
+            done = False
+            try:
+                os.dup2(fd, 2)
+                result = fn(*args)
+                done = True
+            finally:  # also on Ctrl-C: stderr back first, then what was printed passed on
+                os.dup2(saved, 2)
+                os.close(saved)
+                text = self._drain(fd)
+                if not done and text:
+                    os.write(2, text)
+            return result, text
+
+    @staticmethod
+    def _drain(fd):
+        """Returns what the file holds and empties it for the next call."""
+        size = os.fstat(fd).st_size
+        if not size:
+            return b""
+        text = os.pread(fd, size, 0)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return text
+
+
+_stderr_capture = _StderrCapture()
+
+
+def _imdecode(data):
+    try:
+        return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+
+
+def decode_image(data, path, check=True):
+    """
+    Decodes image file bytes as uint8 BGR (H, W, 3).
+
+    Args:
+        data (bytes): the file's contents.
+        path (str): for the messages.
+        check (bool): turn the decoder's warnings about damaged JPEG data into an error (the
+            builder always does; False only to time the check, as scripts/benchmark.py does).
+
+    Raises:
+        ImageReadError: kind ``corrupt_image``.
+    """
+    fix = "re-download the image or remove it from the json"
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < 0:
+        raise ImageReadError("corrupt_image", f"{path}: truncated JPEG (no end marker); {fix}")
+    if not check:
+        img, text = _imdecode(data), b""
+    else:
+        img, text = _stderr_capture.call(_imdecode, data)
+    lines = text.decode("utf-8", "replace").strip().splitlines()
+    said = f"; decoder: {lines[0].strip()!r}" if lines else ""
+    if img is None:
+        raise ImageReadError(
+            "corrupt_image", f"{path}: cannot decode image ({len(data)} bytes{said}); {fix}"
+        )
+    if any(marker in text for marker in _JPEG_DAMAGE):
+        raise ImageReadError(
+            "corrupt_image",
+            f"{path}: damaged JPEG data, parts of it would decode grey or garbled{said}; {fix}",
+        )
+    if text:  # not about this image's pixels (a libpng note, another thread's output): pass on
+        os.write(2, text)
+    return img
+
+
 def read_image(path):
     """
     Reads and decodes an image once, as uint8 BGR (H, W, 3).
 
-    A JPEG without its end-of-image marker is rejected as truncated: libjpeg would otherwise
-    return it grey-filled with only a warning, and crops of the grey part would be garbage.
+    A JPEG without its end-of-image marker is rejected as truncated, and one whose scan data
+    makes libjpeg warn (corrupt data, premature end) as damaged: libjpeg returns those grey or
+    garbled after the damage with only a warning on stderr, and their crops would be garbage.
 
     Raises:
         ImageReadError: kinds ``missing_file``, ``unreadable_file``, ``corrupt_image``.
@@ -160,18 +286,7 @@ def read_image(path):
             f"{path}: cannot read image ({e.strerror}); "
             "fix its permissions or remove it from the json",
         ) from None
-    fix = "re-download the image or remove it from the json"
-    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < 0:
-        raise ImageReadError("corrupt_image", f"{path}: truncated JPEG (no end marker); {fix}")
-    try:
-        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:
-        img = None
-    if img is None:
-        raise ImageReadError(
-            "corrupt_image", f"{path}: cannot decode image ({len(data)} bytes); {fix}"
-        )
-    return img
+    return decode_image(data, path)
 
 
 def encode_crop(crop, encoding="jpeg", quality=90):

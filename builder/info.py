@@ -35,6 +35,8 @@ def summarize_bank(path):
     bank = SampleBank(path)
     try:
         label, group, size = bank.labels, bank.groups, bank.sizes
+        for g in range(len(GROUPS)):
+            bank.group_indices(g)  # checks that every index row exists (a damaged bank fails here)
         num_classes, names, ids = bank.num_classes, bank.category_names, bank.category_ids
         attrs = {k: bank.attrs.get(k) for k in ("encoding", "seed", "tool_version", "created")}
         build_args = bank.attrs.get("build_args") or {}

@@ -10,13 +10,23 @@ import numpy as np
 
 from .bank import GROUPS, SampleBank
 
-__all__ = ["write_grid"]
+__all__ = ["check_png_path", "write_grid"]
 
 logger = logging.getLogger(__name__)
 
 _HEADER_W = 48  # px column with the group name
 _BG = (40, 40, 40)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def check_png_path(path):
+    """
+    Raises ValueError unless ``path`` ends in ``.png``: OpenCV picks the encoder from the suffix
+    and raises a bare "could not find a writer" without one.
+    """
+    if not str(path).lower().endswith(".png"):
+        raise ValueError(f"{path}: the grid is a PNG file; pass a name ending in .png, "
+                         f"e.g. --out {path}.png")
 
 
 def _put_label(img, text, org, scale=0.35):
@@ -67,6 +77,7 @@ def write_grid(bank_path, out_path, per_group=8, cell=128, seed=0, negatives=2):
     Returns:
         tuple[int, int]: (height, width) of the written image.
     """
+    check_png_path(out_path)  # before any work
     rng = np.random.default_rng(seed)
     rows = []
     bank = SampleBank(bank_path)

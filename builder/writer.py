@@ -1,24 +1,34 @@
 """
-Writes a sample bank (format: :mod:`builder.bank`) incrementally and atomically.
+Writes a sample bank (format: :mod:`builder.bank`) incrementally and atomically, and keeps other
+processes and OS failures from damaging an output.
 
 Rows go to resizable, chunked datasets in batches, so memory stays bounded by one batch however
-large the dataset (full COCO is ~1M crops). Everything is written to ``OUT.tmp-<pid>`` next to
-the output and renamed with ``os.replace`` only after the index and attributes are complete; the
-``format`` attribute is the last thing written, so a killed build leaves at most a temp file
-that :func:`builder.bank.check_bank` rejects, never a file that looks valid.
+large the dataset (full COCO is ~1M crops). Everything is written to ``OUT.tmp-<pid>-<host>`` next
+to the output and renamed with ``os.replace`` only after the index and attributes are complete and
+synced to disk; the ``format`` attribute is the last thing written, so a killed build leaves at
+most a temp file that :func:`builder.bank.check_bank` rejects, never a file that looks valid, and
+the next build of that output removes it (:func:`builder.output_lock.remove_stale_temps`).
+
+A failed write (full disk, quota, ``ulimit -f``, I/O error) raises one :class:`BankWriteError`.
+A build holds :class:`builder.output_lock.OutputLock` so that a second build of the same output
+fails at once.
 """
 
+import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
+import shutil
 
 import h5py
 import numpy as np
 
 from .bank import FORMAT_NAME, FORMAT_VERSION, GROUPS
+from .output_lock import temp_path_for
 
-__all__ = ["BankWriter", "temp_path_for"]
+__all__ = ["BankWriteError", "BankWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +36,98 @@ logger = logging.getLogger(__name__)
 _CHUNK = 1024
 
 
-def temp_path_for(out_path):
-    """Returns the temp file written before the rename (same dir, so ``os.replace`` is atomic)."""
-    return f"{out_path}.tmp-{os.getpid()}"
+class BankWriteError(OSError):
+    """The bank could not be written (disk full, quota, file-size limit, I/O error); one line."""
+
+
+class _TempFile:
+    """
+    The temp file as h5py's file object ("fileobj" driver). A failed write is recorded in
+    :attr:`error` and its data dropped instead of raised: after a failed vlen write HDF5's error
+    path crashes h5py (segfault), so HDF5 must never see one. :class:`BankWriter` checks
+    ``error`` after each HDF5 call. :meth:`discard` drops all further writes (file to delete).
+    """
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self.pos = 0
+        self.error = None
+        self.discarded = False
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        if whence == os.SEEK_END:
+            offset += os.fstat(self.fd).st_size
+        elif whence == os.SEEK_CUR:
+            offset += self.pos
+        self.pos = offset
+        return offset
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, buf):
+        n = os.preadv(self.fd, [buf], self.pos)
+        self.pos += n
+        return n
+
+    def read(self, size=-1):  # h5py needs it to see a file object; it reads with readinto
+        size = os.fstat(self.fd).st_size - self.pos if size < 0 else size
+        data = os.pread(self.fd, max(0, size), self.pos)
+        self.pos += len(data)
+        return data
+
+    def write(self, buf):
+        view = memoryview(buf).cast("B")
+        done = 0
+        # h5py ignores short writes: loop until all is written (or the error is recorded).
+        while done < len(view) and self.error is None and not self.discarded:
+            try:
+                done += os.pwrite(self.fd, view[done:], self.pos + done)
+            except OSError as e:
+                self.error = e
+        self.pos += len(view)
+        return len(view)
+
+    def truncate(self, size=None):
+        size = self.pos if size is None else size
+        self._guard(os.ftruncate, self.fd, size)
+        return size
+
+    def flush(self):
+        pass  # unbuffered
+
+    def sync(self):
+        # Also where NFS reports a full disk.
+        self._guard(os.fsync, self.fd)
+
+    def _guard(self, fn, *args):
+        if self.error is None and not self.discarded:
+            try:
+                fn(*args)
+            except OSError as e:
+                self.error = e
+
+    def discard(self):
+        self.discarded = True
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _sync_dir(path):
+    # Makes the rename itself durable; some file systems cannot sync a directory: then skip.
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class BankWriter:
@@ -36,7 +135,8 @@ class BankWriter:
     Appends sample rows and produces the final bank on :meth:`finalize`.
 
     Use as a context manager: leaving the block with an exception (or without finalize) deletes
-    the temp file.
+    the temp file. A write that fails raises :class:`BankWriteError` (one line naming the output,
+    the cause and the fix); the output is then untouched.
 
     Example::
 
@@ -54,8 +154,48 @@ class BankWriter:
         self._pending = []
         self._pending_rows = 0
         self._done = False
-        self.h5 = h5py.File(self.tmp_path, "w")
-        self._create()
+        self.h5 = None
+        try:
+            self._file = _TempFile(self.tmp_path)
+        except OSError as e:
+            raise BankWriteError(
+                f"cannot create {self.tmp_path} ({e.strerror}); make its directory writable "
+                "or pass another --out"
+            ) from None
+        try:
+            with self._io():
+                self.h5 = h5py.File(self._file, "w")
+                self._create()
+        except BaseException:
+            self.abort()
+            raise
+
+    @contextlib.contextmanager
+    def _io(self):
+        """Turns a failed write inside the block (recorded by _TempFile) into BankWriteError."""
+        try:
+            yield
+        except Exception:
+            # HDF5 may fail on reading back what was dropped; the write error is the cause.
+            if self._file.error is None:
+                raise
+        if self._file.error is not None:
+            raise self._write_error() from None
+
+    def _write_error(self):
+        e = self._file.error
+        code = errno.errorcode.get(e.errno, str(e.errno))
+        folder = os.path.dirname(os.path.abspath(self.out_path))
+        try:
+            free = f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        return BankWriteError(
+            f"{self.out_path}: writing the bank failed ({e.strerror or e}, {code}) in "
+            f"{os.path.basename(self.tmp_path)}, {free}; free disk space (or raise the quota / "
+            f"the `ulimit -f` file-size limit) and rerun; {os.path.basename(self.out_path)} was "
+            "not changed"
+        )
 
     def _create(self):
         chunk = self.chunk_rows
@@ -116,12 +256,14 @@ class BankWriter:
         start, stop = self.num_rows, self.num_rows + self._pending_rows
         # write_direct, not ds[a:b] = crops: h5py reads an object array whose crops all have the
         # same length as a 2-D block and fails to broadcast it.
-        self.datasets["crops"].resize(stop, axis=0)
-        self.datasets["crops"].write_direct(crops, dest_sel=np.s_[start:stop])
-        for name, values in arrays.items():
-            ds = self.datasets[name]
-            ds.resize(stop, axis=0)
-            ds[start:stop] = values
+        with self._io():
+            self.datasets["crops"].resize(stop, axis=0)
+            self.datasets["crops"].write_direct(crops, dest_sel=np.s_[start:stop])
+        with self._io():
+            for name, values in arrays.items():
+                ds = self.datasets[name]
+                ds.resize(stop, axis=0)
+                ds[start:stop] = values
         self.num_rows = stop
         self._pending, self._pending_rows = [], 0
 
@@ -138,22 +280,28 @@ class BankWriter:
             str: the output path.
         """
         self.flush()
-        groups = self.datasets["group"][...]
-        for gid, name in enumerate(GROUPS):
-            idx = np.flatnonzero(groups == gid).astype(np.int64)
-            self.h5.create_dataset(f"index/{name}", data=idx)
-        for key, value in attrs.items():
-            self.h5.attrs[key] = (
-                json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-            )
-        self.h5.attrs["encoding"] = self.encoding
-        self.h5.attrs["created"] = datetime.datetime.now().isoformat(timespec="seconds")
-        # Written last: until here the file is not a valid bank.
-        self.h5.attrs["version"] = FORMAT_VERSION
-        self.h5.attrs["format"] = FORMAT_NAME
-        self.h5.close()
+        with self._io():
+            groups = self.datasets["group"][...]
+            for gid, name in enumerate(GROUPS):
+                idx = np.flatnonzero(groups == gid).astype(np.int64)
+                self.h5.create_dataset(f"index/{name}", data=idx)
+            for key, value in attrs.items():
+                self.h5.attrs[key] = (
+                    json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+                )
+            self.h5.attrs["encoding"] = self.encoding
+            self.h5.attrs["created"] = datetime.datetime.now().isoformat(timespec="seconds")
+            # Written last: until here the file is not a valid bank.
+            self.h5.attrs["version"] = FORMAT_VERSION
+            self.h5.attrs["format"] = FORMAT_NAME
+        with self._io():
+            self.h5.close()  # writes the cached metadata
+            # On disk before the rename: after a crash the output is the old bank or the new one.
+            self._file.sync()
+        self._file.close()
         os.replace(self.tmp_path, self.out_path)
         self._done = True
+        _sync_dir(self.out_path)
         logger.info("wrote %s (%d samples)", self.out_path, self.num_rows)
         return self.out_path
 
@@ -161,12 +309,19 @@ class BankWriter:
         """Closes and deletes the temp file (no-op after finalize)."""
         if self._done:
             return
-        try:
-            self.h5.close()
-        finally:
-            if os.path.exists(self.tmp_path):
-                os.remove(self.tmp_path)
         self._done = True
+        # The file is deleted: drop HDF5's closing writes (they would fail again on a full disk).
+        self._file.discard()
+        try:
+            if self.h5 is not None:
+                self.h5.close()
+        except (OSError, RuntimeError, ValueError) as e:
+            # h5py's errors; the one that got us here is the one to report.
+            logger.debug("closing %s: %s", self.tmp_path, e)
+        finally:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.tmp_path)
 
     def __enter__(self):
         return self

@@ -14,13 +14,14 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from montage_pretrain import MontageStream, add_montage_config, collate_montages
+from montage_pretrain.config import merge_config_file
 
 
 def own_weights(bank, config, size, calibrate, seed):
     """(h, w) own-region weight and (4, h, w) label weights of the first ERF refresh."""
     cfg = get_cfg()
     add_montage_config(cfg)
-    cfg.merge_from_file(config)
+    merge_config_file(cfg, config)  # safe YAML
     cfg.merge_from_list(["MONTAGE.BANK", bank, "MODEL.DEVICE", "cpu", "MONTAGE.INPUT_SIZE", size,
                          "MODEL.RESNETS.NORM", "BN", "MONTAGE.ERF_CALIBRATE_BN", calibrate])
     torch.manual_seed(seed)

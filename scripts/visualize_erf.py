@@ -25,6 +25,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from montage_pretrain import MontageStream, add_montage_config, collate_montages
+from montage_pretrain.config import merge_config_file
 
 REGIONS = ("TL (small S)", "TR (W)", "BL (T)", "BR (large S)")
 
@@ -34,7 +35,7 @@ def load_model(run_dir, weights=True, bank=None):
     cfg = get_cfg()
     add_montage_config(cfg)
     cfg.set_new_allowed(True)
-    cfg.merge_from_file(os.path.join(run_dir, "config.yaml"))
+    merge_config_file(cfg, os.path.join(run_dir, "config.yaml"))  # safe YAML
     cfg.MODEL.DEVICE = "cpu"
     if bank:
         cfg.MONTAGE.BANK = bank

@@ -10,7 +10,10 @@ Fine-tunes a stock Detectron2 detector from a Montage backbone export and report
   ``MODEL.ROI_HEADS.NUM_CLASSES`` is read from the training set's categories;
 * weights: a Montage export is read once, checked against the config (pixel mean/std, format,
   ResNet shape) before anything is built, then loaded with a check that every backbone tensor
-  came from the file. ``--weights-config <export>.pkl.yaml`` merges the export's overrides;
+  came from the file. ``--weights-config <export>.pkl.yaml`` merges the export's overrides.
+  Weight files are read without running code in them (restricted unpickler for ``.pkl``,
+  ``torch.load(weights_only=True)`` otherwise) and YAML with ``yaml.safe_load``; a refused file
+  ends the run with one line;
 * results: ``OUTPUT_DIR/metrics_final.json`` holds AP, AP50, AP75, APs, APm, APl per task
   (``bbox``, and ``segm`` for Mask R-CNN; NaN is written as null), ``wall_s`` and ``cpu_s``
   (process plus reaped children, e.g. data-loader workers), and the run's settings.
@@ -32,16 +35,17 @@ import time
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils.logger import setup_logger
 
 from montage_pretrain import backbones as _  # noqa: F401  (registers the RegNet builders)
-from montage_pretrain.config import add_montage_config, merge_config_file
+from montage_pretrain.config import ConfigFileError, add_montage_config, merge_config_file
 from montage_pretrain.datasets import set_finetune_datasets, set_num_classes
+from montage_pretrain.distributed import cpu_ddp, fit_sync_norms
 from montage_pretrain.evaluation import build_coco_evaluator, format_table, summarize, write_metrics
-from montage_pretrain.loading import load_and_verify, read_checked_weights
+from montage_pretrain.export_format import WeightFileError
+from montage_pretrain.loading import ExportCheckpointer, load_and_verify, read_checked_weights
 
 logger = logging.getLogger("montage.finetune")
 
@@ -56,6 +60,10 @@ class Trainer(DefaultTrainer):
     # file is unpickled once.
     export = None
     eval_seconds = 0.0
+
+    def __init__(self, cfg):
+        with cpu_ddp():  # several CPU processes: DDP without device_ids
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -102,8 +110,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _fit_to_machine(cfg, args):
-    """CPU when CUDA is missing, plain BN on one process, and a hint about CPU threads."""
+def _fit_to_machine(cfg):
+    """
+    CPU when CUDA is missing, plain BN on one process, naiveSyncBN for SyncBN on several CPU
+    processes, and a hint about CPU threads.
+    """
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.DEVICE == "cpu" and torch.get_num_threads() > 1 and not os.environ.get(
@@ -114,8 +125,11 @@ def _fit_to_machine(cfg, args):
             "OMP_NUM_THREADS=1 is several times faster (threads spin-wait for each other).",
             torch.get_num_threads(),
         )
-    if args.num_gpus * args.num_machines == 1:
+    # The process group's size, not the flags: setup also runs outside launch (tests, tools).
+    if comm.get_world_size() == 1:
         _fallback_sync_norms(cfg)
+    else:
+        fit_sync_norms(cfg, comm.get_world_size())
 
 
 def _fallback_sync_norms(node, prefix=""):
@@ -139,7 +153,7 @@ def setup(args):
     # default_setup configures only the detectron2/fvcore loggers; the hand-off logs matter too.
     for name in ("montage_pretrain", "montage"):
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
-    _fit_to_machine(cfg, args)
+    _fit_to_machine(cfg)
     set_finetune_datasets(cfg, args.dataset_name, args.train_json, args.train_images,
                           args.val_json, args.val_images)
     set_num_classes(cfg)
@@ -158,13 +172,22 @@ def _cpu_seconds():
 
 
 def main(args):
+    """Runs :func:`run`; a refused config or weight file ends it with its one-line message."""
+    try:
+        return run(args)
+    except (ConfigFileError, WeightFileError) as e:
+        raise SystemExit(f"finetune_net.py: {e}") from None
+
+
+def run(args):
     """Trains (unless --eval-only), evaluates and writes metrics_final.json."""
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
     cfg = setup(args)
     extra = {}
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # ExportCheckpointer: Detectron2's own would pickle.load a .pkl, running code in it.
+        ExportCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
@@ -198,8 +221,6 @@ def main(args):
 def invoke_main(argv=None):
     """Parses ``argv`` and runs :func:`main` through Detectron2's ``launch``."""
     args = parse_args(argv)
-    if args.num_gpus > 1 and not torch.cuda.is_available():
-        raise SystemExit("--num-gpus > 1 needs CUDA; on the CPU run with --num-gpus 1")
     print("Command Line Args:", args)
     launch(
         main,

@@ -6,6 +6,7 @@ Montage pre-training with Detectron2's trainer.
         --num-gpus 8 MONTAGE.BANK datasets/coco_bank.h5 OUTPUT_DIR output/montage_R_50
 
 Several machines: add ``--num-machines M --machine-rank R --dist-url tcp://HOST:PORT``.
+Without CUDA, ``--num-gpus N`` starts N CPU processes (gloo); SyncBN becomes naiveSyncBN there.
 At the end of training the backbone is exported to ``OUTPUT_DIR/MONTAGE.EXPORT_NAME`` for
 ``MODEL.WEIGHTS`` of stock Detectron2 detection configs.
 """
@@ -25,13 +26,16 @@ from montage_pretrain import (
     assert_montage_cfg,
     build_montage_train_loader,
 )
+from montage_pretrain.config import ConfigFileError, merge_config_file
+from montage_pretrain.distributed import cpu_ddp, fit_sync_norms
 
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the montage loader, bf16 AMP, and the ERF and export hooks."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        with cpu_ddp():  # several CPU processes: DDP without device_ids
+            super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED:
             self._trainer.precision = getattr(torch, cfg.MONTAGE.AMP_DTYPE)
             if self._trainer.precision == torch.bfloat16:
@@ -60,19 +64,23 @@ def setup(args):
     """Creates the config: defaults -> cfg.MONTAGE -> file -> command line -> checks."""
     cfg = get_cfg()
     add_montage_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    merge_config_file(cfg, args.config_file)  # plain YAML only: a config file runs no code
     cfg.merge_from_list(args.opts)
     # default_setup only sets up the detectron2 and fvcore loggers; ours report the config
     # adaptations below, ERF refreshes, group fallbacks and the export.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="montage_pretrain")
     assert_montage_cfg(cfg, world_size=comm.get_world_size())
+    fit_sync_norms(cfg, comm.get_world_size())
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
 
 
 def main(args):
-    cfg = setup(args)
+    try:
+        cfg = setup(args)
+    except ConfigFileError as e:  # a refused config: its one-line message, no traceback
+        raise SystemExit(f"train_net.py: {e}") from None
     if args.eval_only:
         raise SystemExit("--eval-only: pre-training has no evaluation; fine-tune the export instead")
     trainer = Trainer(cfg)

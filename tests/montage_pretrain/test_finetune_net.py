@@ -163,16 +163,22 @@ def test_setup_checks_without_training(tiny_coco, tmp_path, finetune_net):
 def test_export_is_unpickled_once(tiny_coco, make_r18_export, tmp_path, finetune_net,
                                   monkeypatch):
     """setup() reads the export for its check; the trainer loads it from that copy."""
+    from montage_pretrain import export_format
+
     export = make_r18_export(randomise=True)
     reads = []
-    real_load = pickle.load
+    real_load = export_format.load_weight_pickle
 
-    def counting_load(f, *args, **kwargs):
-        if os.path.realpath(getattr(f, "name", "")) == os.path.realpath(export):
-            reads.append(f.name)
-        return real_load(f, *args, **kwargs)
+    def counting_load(path):  # the (restricted) reader of every weight .pkl
+        if os.path.realpath(path) == os.path.realpath(export):
+            reads.append(path)
+        return real_load(path)
 
-    monkeypatch.setattr(pickle, "load", counting_load)
+    def no_plain_unpickling(*args, **kwargs):
+        raise AssertionError("a file was read with unrestricted pickle.load")
+
+    monkeypatch.setattr(export_format, "load_weight_pickle", counting_load)
+    monkeypatch.setattr(pickle, "load", no_plain_unpickling)
     args = finetune_net.parse_args(["--config-file", TOY_CONFIG, *tiny_args(tiny_coco, "tiny_once"),
                                     *TINY, "MODEL.WEIGHTS", export, "OUTPUT_DIR", str(tmp_path)])
     cfg = finetune_net.setup(args)
@@ -231,6 +237,7 @@ def test_finetune_config_loads(path):
     else:
         assert cfg.MODEL.WEIGHTS.endswith(default_export_name())
         # the CPU toy config trains BN from the export (FrozenBN diverged after minutes of
-        # pre-training); full-scale configs freeze it as the paper
-        toy = "toy" in os.path.basename(path)
-        assert cfg.MODEL.RESNETS.NORM == ("BN" if toy else "FrozenBN")
+        # pre-training); a GN twin keeps GN; full-scale configs freeze BN as the paper
+        name = os.path.basename(path)
+        want = "GN" if name.endswith("_gn.yaml") else "BN" if "toy" in name else "FrozenBN"
+        assert cfg.MODEL.RESNETS.NORM == want

@@ -12,6 +12,8 @@ copies nothing.
 import logging
 import math
 import os
+import signal
+import time
 
 import numpy as np
 import torch
@@ -22,7 +24,9 @@ from detectron2.utils import comm
 
 from builder.bank import SampleBank
 
-__all__ = ["MontageStream", "collate_montages", "build_montage_train_loader", "FALLBACKS"]
+__all__ = [
+    "MontageStream", "MontageLoader", "collate_montages", "build_montage_train_loader", "FALLBACKS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,9 @@ class MontageStream(IterableDataset):
 
     Draws are uniform with replacement within each group, so there are no epochs. The RNG is
     seeded from (seed, rank, worker id): every process and worker draws its own stream and the
-    stream is reproducible for a fixed world size and worker count.
+    stream is reproducible for a fixed world size and worker count. ``rank`` is read when the
+    stream is built (in the training process), so loader workers draw their process's stream
+    whatever their start method; a fixed ``rank`` gives every process the same stream.
 
     Group fallback ("nearest"): a group with fewer than ``min_group_size`` crops is replaced by
     the nearest usable group by aspect (T < S < W): a missing T draws from S (else W), a missing
@@ -62,7 +68,8 @@ class MontageStream(IterableDataset):
     ``crops_per_image=1`` is the no-montage baseline: one crop drawn uniformly from the whole bank.
     """
 
-    def __init__(self, bank_path, crops_per_image=4, seed=0, min_group_size=1, fallback="nearest"):
+    def __init__(self, bank_path, crops_per_image=4, seed=0, min_group_size=1, fallback="nearest",
+                 rank=None):
         """
         Args:
             bank_path (str): HDF5 sample bank.
@@ -70,6 +77,7 @@ class MontageStream(IterableDataset):
             seed (int): base seed.
             min_group_size (int): a group with fewer crops counts as empty.
             fallback (str): one of :data:`FALLBACKS`.
+            rank (int or None): stream index of this process; None = ``comm.get_rank()``.
         """
         super().__init__()
         if crops_per_image not in (1, 4):
@@ -79,6 +87,8 @@ class MontageStream(IterableDataset):
         self.bank = SampleBank(bank_path)
         self.crops_per_image = crops_per_image
         self.seed = int(seed)
+        # Read here, not in the worker: a spawned worker has no process group (rank 0 there).
+        self.rank = comm.get_rank() if rank is None else int(rank)
         self.min_group_size = max(int(min_group_size), 1)
         self.fallback = fallback
         # Read the small arrays now (checks the bank early) and close the handle before any
@@ -91,10 +101,11 @@ class MontageStream(IterableDataset):
         self.bank.close()
 
     @classmethod
-    def from_config(cls, cfg, seed, crops_per_image=None):
+    def from_config(cls, cfg, seed, crops_per_image=None, rank=None):
         """
         The stream of ``cfg.MONTAGE`` (bank, group fallback, min group size) with ``seed``;
-        ``crops_per_image`` defaults to 1 for ``MONTAGE.LOSS == "single"``, else 4.
+        ``crops_per_image`` defaults to 1 for ``MONTAGE.LOSS == "single"``, else 4; ``rank`` as
+        in the constructor.
         """
         if crops_per_image is None:
             crops_per_image = 1 if cfg.MONTAGE.LOSS == "single" else 4
@@ -104,6 +115,7 @@ class MontageStream(IterableDataset):
             seed=seed,
             min_group_size=cfg.MONTAGE.MIN_GROUP_SIZE,
             fallback=cfg.MONTAGE.GROUP_FALLBACK,
+            rank=rank,
         )
 
     def _make_pools(self, warn=True):
@@ -142,7 +154,7 @@ class MontageStream(IterableDataset):
     def _rng(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        return np.random.default_rng([self.seed, comm.get_rank(), worker])
+        return np.random.default_rng([self.seed, self.rank, worker])
 
     def _draw(self, rng):
         """Sample indices of one montage, in region order."""
@@ -213,6 +225,73 @@ def collate_montages(items):
     return {"crops": out, "sizes": sizes, "labels": labels}
 
 
+class MontageLoader(DataLoader):
+    """
+    A DataLoader whose iterator reports a worker that died (SIGKILL, e.g. by the out-of-memory
+    killer) as one clear error with the fix, whatever torch raised where it noticed: its own
+    "DataLoader worker ... exited unexpectedly", or a bare ``ConnectionResetError`` /
+    ``FileNotFoundError`` when the dead worker had already queued a batch whose shared memory
+    only it could hand over.
+    """
+
+    # Seconds to wait for a worker whose connection broke to be seen dead (it dies after its
+    # sockets close).
+    DEATH_GRACE = 2.0
+
+    def __iter__(self):
+        it = super().__iter__()
+        return _WorkerDeathCheck(it, self.DEATH_GRACE) if self.num_workers > 0 else it
+
+
+class _WorkerDeathCheck:
+    """Iterator wrapper of :class:`MontageLoader`: errors from dead workers get one message."""
+
+    def __init__(self, it, grace):
+        self._it = it
+        self._grace = grace
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            dead = _dead_workers(getattr(self._it, "_workers", []), self._grace)
+            if not dead:
+                raise
+            raise RuntimeError(_death_message(dead)) from e
+
+
+def _dead_workers(workers, grace):
+    """Workers that have exited, waiting up to ``grace`` seconds for one to be seen dead."""
+    deadline = time.monotonic() + grace
+    while True:
+        dead = [w for w in workers if w.exitcode is not None]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
+
+
+def _death_message(dead):
+    """One line: which workers died and how, the likely cause and the fix."""
+    causes = []
+    for w in dead:
+        code = w.exitcode
+        if code < 0 and -code in signal.valid_signals():
+            causes.append(f"pid {w.pid}, killed by {signal.Signals(-code).name}")
+        else:
+            causes.append(f"pid {w.pid}, exit code {code}")
+    oom = any(w.exitcode == -signal.SIGKILL for w in dead)
+    return (
+        f"DataLoader worker ({'; '.join(causes)}) of the montage loader died"
+        + (", usually the out-of-memory killer (see dmesg)" if oom else "")
+        + ": lower DATALOADER.NUM_WORKERS or SOLVER.IMS_PER_BATCH and restart with --resume"
+    )
+
+
 def build_montage_train_loader(cfg):
     """
     The training loader of this process: an endless iterator of collated batches.
@@ -231,7 +310,7 @@ def build_montage_train_loader(cfg):
     seed = cfg.SEED if cfg.SEED >= 0 else int.from_bytes(os.urandom(4), "little") % (2**31)
     stream = MontageStream.from_config(cfg, seed)
     workers = cfg.DATALOADER.NUM_WORKERS
-    return DataLoader(
+    return MontageLoader(
         stream,
         batch_size=total // world,
         num_workers=workers,

@@ -29,6 +29,11 @@ class ERFRefreshHook(HookBase):
     The montages used are a fixed set drawn once with a fixed seed, so the only thing that
     changes between refreshes is the network. A resumed run loads ``erf_weights`` and
     ``erf_iter`` from its checkpoint and does not recompute them.
+
+    Several processes: every rank draws the same montage set (the stream of rank 0) and runs
+    the computation; a synchronised norm (naiveSyncBN, SyncBN) calibrates with collectives, so
+    no rank may skip it. Rank 0's weights are then broadcast, so all ranks train on
+    bit-identical targets.
     """
 
     # Offset of the fixed montage set's seed from cfg.SEED, so it is not the first training batch.
@@ -49,8 +54,10 @@ class ERFRefreshHook(HookBase):
 
     def _montages(self):
         if self._batch is None:
-            # ERF maps are measured on 4-crop montages, whatever the training objective.
-            stream = iter(MontageStream.from_config(self._cfg, self._seed, crops_per_image=4))
+            # ERF maps are measured on 4-crop montages, whatever the training objective; rank 0's
+            # stream on every process, so all ranks measure the same montages.
+            stream = iter(MontageStream.from_config(self._cfg, self._seed, crops_per_image=4,
+                                                    rank=0))
             self._batch = collate_montages([next(stream) for _ in range(self._num_images)])
         return self._batch
 
@@ -59,7 +66,9 @@ class ERFRefreshHook(HookBase):
         start = time.perf_counter()
         model.refresh_erf_weights(self._montages(), iteration)
         if comm.get_world_size() > 1:
-            # Every rank computed the same thing; broadcasting removes nondeterministic drift.
+            # Same montages and parameters on every rank, but plain BN keeps per-rank running
+            # statistics (DDP does not sync buffers here) and reductions may drift: all ranks
+            # take rank 0's weights.
             torch.distributed.broadcast(model.erf_weights, src=0)
         own = model.erf_weights.gather(0, model.region_map[None]).squeeze(0)
         logger.info(

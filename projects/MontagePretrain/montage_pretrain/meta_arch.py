@@ -223,13 +223,21 @@ class MontageClassifier(nn.Module):
             return False
         momenta = [m.momentum for m in bns]
         was_training = self.backbone.training
+        chunks = images.split(max(self.erf_chunk, 1))
         try:
             for m in bns:
                 m.reset_running_stats()
-                m.momentum = None  # cumulative average over the chunks
             self.backbone.train()
-            for chunk in images.split(max(self.erf_chunk, 1)):
+            for k, chunk in enumerate(chunks):
+                # Momentum 1/(k+1) is the cumulative average over the chunks, spelled out:
+                # Detectron2's naiveSyncBN (several CPU processes) has no momentum=None.
+                for m in bns:
+                    m.momentum = 1.0 / (k + 1)
                 self.backbone(chunk)
+            for m in bns:
+                # naiveSyncBN does not count batches on several processes; without the count a
+                # later refresh would take the statistics for unset and calibrate again.
+                m.num_batches_tracked.fill_(len(chunks))
         finally:
             for m, momentum in zip(bns, momenta):
                 m.momentum = momentum
