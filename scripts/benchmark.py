@@ -2,14 +2,16 @@
 """
 Benchmarks of Montage pre-training, in the shape of Detectron2's tools/benchmark.py.
 
-    python scripts/benchmark.py --task builder,host,model,step,loader [--size tiny|small|full]
-        [--quick] [--config-file CFG.yaml] [--bank BANK.h5] [--json OUT.jsonl] [KEY VALUE ...]
+    python scripts/benchmark.py --task builder,host,model,step,pyramid,loader
+        [--size tiny|small|full] [--quick] [--config-file CFG.yaml] [--pyramid-config CFG.yaml]
+        [--bank BANK.h5] [--json OUT.jsonl] [KEY VALUE ...]
 
 Tasks, run in this order; each prints its table and goal lines and appends its JSON record to
 --json as soon as it finishes:
 
   builder  the bank builder vs the JPEG-decode floor on the same images: (a) cv2.imread of each
-           image, (b) builder.build_bank with 1 worker, (c) with 2 (goal (b)/(a) <= 1.5).
+           image, (b) builder.build_bank with 1 worker, (c) with 2 (goal (b)/(a) <= 1.5); and
+           the builder's decode with / without its corrupt-image check (decoder warnings).
   host     the loader's pieces in one process: per crop HDF5 read, decode (SampleBank.decode),
            HWC->CHW; a montage draw; per batch collate, shared/pinned-memory copy, padding.
   model    (a) model-only step (the model's forward + loss + SGD, no loader, no assembly) on
@@ -18,6 +20,10 @@ Tasks, run in this order; each prints its table and goal lines and appends its J
   step     (b) the full step: real loader + on-device montage assembly + loss + SGD (bf16 +
            channels_last on CUDA), (b') the same through Detectron2's trainer; goals ERF /
            global loss step <= 1.05, assembly < 5 % of the step, (b) / best (a) >= 0.80.
+  pyramid  backbone + pyramid pre-training (MontageFPNClassifier, --pyramid-config) vs the
+           backbone-only step of the size's config, same canvas, batch and fixed batch of
+           montages, windows interleaved in one process (goal ratio <= 1.3); and the backward
+           passes of one ERF refresh of each.
   loader   (c) montages/s out of the real DataLoader per worker count, vs the decode floor
            (host) and the workers needed to feed the best (a) rate (model).
 
@@ -48,6 +54,8 @@ from tabulate import tabulate
 from builder.bank import SampleBank
 from builder.build import BuildOptions, _init_worker, build_bank
 from builder.coco import load_coco
+from builder import extract
+from builder.extract import decode_image
 from builder.info import SIZE_BINS, summarize_bank
 
 if __name__ != "__mp_main__":  # not in the builder's pool processes, which re-import this file
@@ -59,22 +67,27 @@ if __name__ != "__mp_main__":  # not in the builder's pool processes, which re-i
     from detectron2.utils.events import EventStorage, get_event_storage
     from montage_pretrain import (MontageStream, add_montage_config, assert_montage_cfg,
                                   build_montage_train_loader, collate_montages)
+    from montage_pretrain.config import merge_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("builder", "host", "model", "step", "loader")
+TASKS = ("builder", "host", "model", "step", "pyramid", "loader")
 CROPS, SCHEDULE = 4, 64000 * 512  # crops per montage; the paper's schedule in montages
 GOAL_A, FLOOR_A, GOAL_B, GOAL_ERF, GOAL_ASM, GOAL_BUILD = 5000.0, 2500.0, 0.80, 1.05, 0.05, 1.5
+GOAL_PYRAMID = 1.3  # pyramid / backbone-only pre-training step
 COCO_IMAGES, COCO_BOXES = 118287, 860001  # COCO train2017
 COCO_TINY = ("/work/shared/data/coco_tiny", os.path.join(ROOT, "..", "shared", "data", "coco_tiny"))
-# Per size: config (under projects/MontagePretrain/configs) + overrides, montages per step,
+# Per size: config (under projects/MontagePretrain/configs), its pyramid twin, overrides, montages
+# per step,
 # loader workers, timing of each measure, toy images in the bank, crops timed by `host`,
 # `builder`'s image limit (None: all) and repetitions.
 SIZES = {
-    "tiny": dict(config="demo/montage_R_18_toy.yaml", opts=["MONTAGE.INPUT_SIZE", "96"], batch=4,
+    "tiny": dict(config="demo/montage_R_18_toy.yaml", pyramid="demo/montage_R_18_FPN_toy.yaml",
+                 opts=["MONTAGE.INPUT_SIZE", "96"], batch=4,
                  workers=[1], warmup=1, iters=2, windows=2, toy=12, crops=32, images=40, repeat=1),
-    "small": dict(config="demo/montage_R_18_toy.yaml", opts=[], batch=16, workers=[1, 2],
+    "small": dict(config="demo/montage_R_18_toy.yaml", pyramid="demo/montage_R_18_FPN_toy.yaml",
+                  opts=[], batch=16, workers=[1, 2],
                   warmup=2, iters=3, windows=4, toy=60, crops=256, images=None, repeat=3),
-    "full": dict(config="montage_R_50.yaml", opts=[], batch=256,
+    "full": dict(config="montage_R_50.yaml", pyramid="montage_R_50_FPN.yaml", opts=[], batch=256,
                  workers=[min(16, os.cpu_count() or 1)], warmup=8, iters=15, windows=5, toy=300,
                  crops=512, images=None, repeat=3),
 }
@@ -164,10 +177,11 @@ class Bench:
         self.size["workers"] = args.workers or self.size["workers"]
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = self.device.type == "cuda"
-        self.config = args.config_file or os.path.join(
-            ROOT, "projects", "MontagePretrain", "configs", self.size["config"])
+        configs = os.path.join(ROOT, "projects", "MontagePretrain", "configs")
+        self.config = args.config_file or os.path.join(configs, self.size["config"])
+        self.pyramid_config = args.pyramid_config or os.path.join(configs, self.size["pyramid"])
         self.results, self.notes, self.bank_summary = {}, [], None
-        self._toy, self._bank, self._cfg = None, args.bank or None, None
+        self._toy, self._bank, self._cfg, self._pyramid_cfg = None, args.bank or None, None, None
 
     def time(self, fn, warmup=None, windows=None):
         """``measure`` at this size's iterations, warm-up and windows."""
@@ -211,21 +225,36 @@ class Bench:
         from-scratch step must stay finite (Detectron2's trainer raises on a NaN loss).
         """
         if self._cfg is None:
-            cfg = get_cfg()
-            add_montage_config(cfg)
-            cfg.merge_from_file(self.config)
-            cfg.merge_from_list(self.size["opts"] + [
-                "MONTAGE.BANK", self.bank(), "SOLVER.IMS_PER_BATCH", str(self.size["batch"]),
-                "SEED", "0", "SOLVER.BASE_LR", "0.001"] + self.args.opts)
-            self._cfg = assert_montage_cfg(cfg)
-            given = [os.path.relpath(self.config, ROOT)] + self.size["opts"] + self.args.opts
-            print(f"config: {' '.join(given)}: {cfg.MODEL.BACKBONE.NAME} depth "
-                  f"{cfg.MODEL.RESNETS.DEPTH}, {cfg.MONTAGE.INPUT_SIZE} px, "
-                  f"{cfg.SOLVER.IMS_PER_BATCH} montages/step, loss {cfg.MONTAGE.LOSS}; median of "
-                  f"{self.size['windows']} x {self.size['iters']} steps")
+            self._cfg = self._load(self.config)
         cfg = self._cfg.clone()
         cfg.merge_from_list(["DATALOADER.NUM_WORKERS", str(workers), "MONTAGE.CHANNELS_LAST",
                              str(channels_last)] + (["MONTAGE.LOSS", loss] if loss else []))
+        return cfg
+
+    def pyramid_cfg(self, channels_last=False):
+        """The pyramid twin of :meth:`cfg` (``--pyramid-config``): same size overrides and opts,
+        so the same canvas and montages per step."""
+        if self._pyramid_cfg is None:
+            self._pyramid_cfg = self._load(self.pyramid_config)
+        cfg = self._pyramid_cfg.clone()
+        cfg.merge_from_list(["DATALOADER.NUM_WORKERS", "0", "MONTAGE.CHANNELS_LAST",
+                             str(channels_last)])
+        return cfg
+
+    def _load(self, config):
+        """``config`` + size overrides + trailing opts, checked and printed once."""
+        cfg = get_cfg()
+        add_montage_config(cfg)
+        merge_config_file(cfg, config)  # safe YAML
+        cfg.merge_from_list(self.size["opts"] + [
+            "MONTAGE.BANK", self.bank(), "SOLVER.IMS_PER_BATCH", str(self.size["batch"]),
+            "SEED", "0", "SOLVER.BASE_LR", "0.001"] + self.args.opts)
+        cfg = assert_montage_cfg(cfg)
+        given = [os.path.relpath(config, ROOT)] + self.size["opts"] + self.args.opts
+        print(f"config: {' '.join(given)}: {cfg.MODEL.BACKBONE.NAME} depth "
+              f"{cfg.MODEL.RESNETS.DEPTH}, {cfg.MONTAGE.INPUT_SIZE} px, "
+              f"{cfg.SOLVER.IMS_PER_BATCH} montages/step, loss {cfg.MONTAGE.LOSS}; median of "
+              f"{self.size['windows']} x {self.size['iters']} steps")
         return cfg
 
     def loader(self, cfg):
@@ -285,14 +314,27 @@ def task_builder(b):
     t_server = measure(lambda: pool(server=True))["best_s"]
     build(1, max_images=2)
     t_pool = measure(pool)["best_s"]
-    runs = {k: [] for k in ("json", "a", "b", "c")}
+    def decode(check):  # the build's own read + decode, with or without the corrupt-image check
+        for p in paths:
+            with open(p, "rb") as f:
+                decode_image(f.read(), p, check=check)
+
+    runs = {k: [] for k in ("json", "a", "b", "c", "unchecked", "checked")}
     for _ in range(b.size["repeat"]):  # interleaved, so load from other processes hits all
         runs["json"].append(measure(lambda: load_coco(json_path, img_dir, limit)))
         runs["a"].append(measure(lambda: [cv2.imread(p, cv2.IMREAD_COLOR) for p in paths]))
+        # Each side alternately first, 3 windows each: the check costs microseconds per image.
+        for check in (False, True, True, False):
+            runs["checked" if check else "unchecked"].append(measure(partial(decode, check),
+                                                                     windows=3))
         runs["b"].append(measure(lambda: build(1)))
         runs["c"].append(measure(lambda: build(2)))
     t = {k: min(r["best_s"] for r in v) for k, v in runs.items()}
     cpu = {k: min(r["cpu_s"][0] for r in v) for k, v in runs.items()}
+    cpu_best = {k: min(min(r["cpu_s"]) for r in v) for k, v in runs.items()}
+    # The check alone (stderr swapped around a no-op), free of the decode's noise: us per image.
+    t_swap = measure(lambda: [extract._stderr_capture.call(int) for _ in range(1000)],
+                     windows=5)["best_s"] / 1000
     counts = reports[1]["counts"]
     n, samples, pos = len(paths), counts["samples"]["total"], counts["samples"]["positives"]
     size = os.path.getsize(f"{b.tmp}/built1.h5")
@@ -308,6 +350,16 @@ def task_builder(b):
           f"{1e3 * per_crop:.2f} ms/crop beyond decode; CPU {cpu['b']:.2f} s")
     r.add("build_2_workers_s", t["c"], "(c) build, 2 workers (s)", ".2f", f"includes {t_pool:.2f}"
           f" s pool start-up, not the one-time fork server start ({t_server:.2f} s)")
+    r.add("decode_unchecked_s", t["unchecked"], "decode, builder without the check (s)", ".3f",
+          f"extract.decode_image(check=False): read + cv2.imdecode; CPU {cpu_best['unchecked']:.3f}"
+          " s")
+    r.add("decode_checked_s", t["checked"], "decode, builder with the check (s)", ".3f",
+          f"as extract.read_image (decoder warnings caught); CPU {cpu_best['checked']:.3f} s")
+    r.add("corrupt_check_ratio", t["checked"] / t["unchecked"], "corrupt-image check: with/without",
+          ".3f", f"wall, best of the windows (CPU time: "
+          f"{cpu_best['checked'] / cpu_best['unchecked']:.3f}); 1.000 = free")
+    r.add("corrupt_check_us", 1e6 * t_swap, "corrupt-image check alone (us/image)", ".1f",
+          f"{100 * t_swap * n / t['unchecked']:.2f} % of the decode")
     r.add("json_parse_s", t["json"], "json parse (s)", ".2f",
           f"{dataset.num_images_in_json} images in the json")
     r.add("b_over_a_cpu", cpu["b"] / cpu["a"], "(b)/(a) CPU time", ".2f")
@@ -511,6 +563,63 @@ def task_step(b):
     return r
 
 
+def erf_passes(model, num_images):
+    """Position backward passes of one ERF refresh on ``num_images`` montages."""
+    if hasattr(model, "erf_images_per_level"):  # MontageFPNClassifier
+        per_level = model.erf_images_per_level(num_images)
+        return sum(per_level[k] * h * w for k, (_, h, w) in model._slices.items())
+    return num_images * model.region_map.numel()
+
+
+def task_pyramid(b):
+    """Backbone + pyramid vs backbone-only pre-training step: same canvas, batch and montages,
+    same loss (the pyramid config's), windows interleaved so that load drift hits both alike."""
+    amp = b.cuda  # bf16 + channels_last on CUDA, else fp32
+    b.free()
+    cfgs = {"pyramid": b.pyramid_cfg(channels_last=amp)}
+    cfgs["backbone"] = b.cfg(channels_last=amp, loss=cfgs["pyramid"].MONTAGE.LOSS)
+    for key in ("MONTAGE.INPUT_SIZE", "SOLVER.IMS_PER_BATCH"):
+        values = {k: c.MONTAGE.INPUT_SIZE if key.endswith("SIZE") else c.SOLVER.IMS_PER_BATCH
+                  for k, c in cfgs.items()}
+        if values["pyramid"] != values["backbone"]:
+            raise ValueError(f"{key} differs between the configs ({values}): the ratio compares "
+                             "steps at the same canvas and batch")
+    batch = next(iter(build_montage_train_loader(cfgs["backbone"])))
+    models = {k: build_train(cfgs[k]) for k in ("backbone", "pyramid")}
+    times = {k: [] for k in models}
+    with EventStorage(0):
+        for i in range(b.size["windows"]):
+            for k, (model, opt) in models.items():
+                step = partial(train_step, model, opt, batch, amp)
+                times[k].append(b.time(step, warmup=int(i == 0), windows=1)["median_s"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_erf = cfgs["pyramid"].MONTAGE.ERF_NUM_IMAGES
+    passes = {k: erf_passes(models[k][0], n_erf) for k in models}
+    pyr = models["pyramid"][0]
+    b.free()
+    r = Results(precision="bf16 + channels_last" if amp else "fp32",
+                levels=list(pyr.levels), loss=pyr.loss_name,
+                windows_s={k: v for k, v in times.items()})
+    r.add("backbone_step_ms", 1e3 * med["backbone"], "step, backbone only (ms)",
+          note=os.path.relpath(b.config, ROOT))
+    r.add("pyramid_step_ms", 1e3 * med["pyramid"], "step, backbone + pyramid (ms)",
+          note=f"{os.path.relpath(b.pyramid_config, ROOT)}: levels {', '.join(pyr.levels)}")
+    r.add("backbone_erf_passes", passes["backbone"], "ERF refresh, backbone only (passes)", "d",
+          f"{n_erf} montages x {models['backbone'][0].region_map.numel()} positions")
+    r.add("pyramid_erf_passes", passes["pyramid"], "ERF refresh, backbone + pyramid (passes)",
+          "d", "montages per level: " + ", ".join(
+              f"{k} {n}" for k, n in pyr.erf_images_per_level(n_erf).items()))
+    r.show(f"pyramid: {cfgs['pyramid'].SOLVER.IMS_PER_BATCH} montages/step at "
+           f"{cfgs['pyramid'].MONTAGE.INPUT_SIZE} px, {r['precision']}, "
+           f"{b.size['windows']} interleaved windows of {b.size['iters']} steps")
+    ratio = med["pyramid"] / med["backbone"]
+    r.goal("goal_pyramid_over_backbone", "pyramid / backbone-only step time", ratio,
+           f"<= {GOAL_PYRAMID}", ratio <= GOAL_PYRAMID)
+    print("  per window (s): " + "; ".join(
+        f"{k} " + " ".join(f"{t:.2f}" for t in v) for k, v in times.items()))
+    return r
+
+
 def task_loader(b):
     """(c): montages/s out of the DataLoader (nothing consumes them), per worker count."""
     r = Results()
@@ -550,6 +659,8 @@ def parse_args(argv=None):
                    help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--config-file", default="", metavar="FILE",
                    help="pre-training config (default: the size's)")
+    p.add_argument("--pyramid-config", default="", metavar="FILE",
+                   help="pyramid: the backbone + pyramid config (default: the size's)")
     p.add_argument("--size", choices=tuple(SIZES), help="default: full with CUDA, else small")
     p.add_argument("--quick", action="store_true", help="same as --size tiny")
     p.add_argument("--bank", default="", help="HDF5 sample bank (default: toy bank built here)")

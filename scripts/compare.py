@@ -11,8 +11,12 @@ over the same number of pixels), the same detector is fine-tuned with the same s
 3. Montage + global label (``global``), 4. Montage + block-wise (``blockwise``),
 5. Montage + ERF-adaptive dense classification, tau = 0.7 (``erf``),
 
-for every seed. Per arm and seed it measures full fine-tuning AP; the frozen-backbone kNN and
-linear probes of the export (``scripts/probe.py``; random init for ``scratch``), once per
+for every seed; on demand also the hand-off arms (``scratch_bn``, ``erf_gn``, ``erf_frozenbn``)
+and ``erf_fpn``: backbone + pyramid pre-trained together (``MontageFPNClassifier``, ERF loss per
+pyramid level), whose export also fills the detector's ``backbone.fpn_*``, fine-tuned with erf's
+detector config (its paired baseline, like erf's, is ``scratch_bn``; the report adds the paired
+difference erf_fpn − erf). Per arm and seed it measures full fine-tuning AP; the frozen-backbone
+kNN and linear probes of the export (``scripts/probe.py``; random init for ``scratch``), once per
 pre-training; with ``--frozen`` the AP of the detector trained with the backbone frozen
 (``MODEL.BACKBONE.FREEZE_AT 5``: FPN and heads train); with ``--table3`` a ``scratch_long`` arm
 fine-tuned for the total CPU time (pre-training + fine-tuning) of a Montage arm on the same seed,
@@ -67,14 +71,19 @@ PROBE_SCRIPT = "scripts/probe.py"
 # train_net.py exports OUTPUT_DIR/MONTAGE.EXPORT_NAME; these pre-training runs keep the default.
 EXPORT_NAME = default_export_name()
 PRETRAIN_GN_CONFIG = f"{PROJECT}/configs/demo/montage_R_18_toy_gn.yaml"
+# Backbone + pyramid pre-training: same schedule, canvas and montages as PRETRAIN_CONFIG, FPN shaped
+# as FINETUNE_CONFIG's (128 channels, res2..res5, no norm) so every backbone.fpn_* key loads.
+PRETRAIN_FPN_CONFIG = f"{PROJECT}/configs/demo/montage_R_18_FPN_toy.yaml"
 FINETUNE_GN_CONFIG = f"{PROJECT}/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_gn.yaml"
 VARIANTS = ("scratch", "single", "global", "blockwise", "erf")
 # The hand-off arms (norm of pre-training and detector): scratch with trainable BN (the twin of
 # erf's BN detector), ERF pre-trained with GN into the GN detector (the twin of scratch), and
 # erf's own export handed to FrozenBN with stem + res2 frozen (the paper's hand-off).
 NORM_ARMS = ("scratch_bn", "erf_gn", "erf_frozenbn")
-ARMS = VARIANTS + NORM_ARMS
-ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:] + NORM_ARMS
+# Beyond the paper: the pyramid pre-trained too (issue: FPN pre-training).
+PYRAMID_ARMS = ("erf_fpn",)
+ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS
+ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS
 
 
 def arm_spec(arm):
@@ -93,6 +102,9 @@ def arm_spec(arm):
     if arm == "erf_gn":
         return dict(pretrain=(PRETRAIN_GN_CONFIG, "erf"), config=FINETUNE_GN_CONFIG, opts=[],
                     probe=True, frozen=True, ref="scratch")
+    if arm == "erf_fpn":  # erf's detector, started from backbone + pyramid
+        return dict(pretrain=(PRETRAIN_FPN_CONFIG, "erf"), config=FINETUNE_CONFIG, opts=[],
+                    probe=True, frozen=True, ref="scratch_bn")
     if arm == "erf_frozenbn":  # its frozen-backbone run would be erf's: FREEZE_AT 5 either way
         return dict(pretrain_of="erf", config=FINETUNE_CONFIG,
                     opts=["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2"],
@@ -900,6 +912,20 @@ def handoff_table(values):
     return head, rows
 
 
+def pyramid_line(values):
+    """The pyramid arm against the backbone-only one on the same seeds (paired): what
+    pre-training the FPN too adds; None without both arms."""
+    if "erf_fpn" not in values or "erf" not in values:
+        return None
+    parts = []
+    for key, label in (("AP", "AP"), ("frozen_AP", "frozen AP"), ("res5_linear", "res5 linear")):
+        p = paired(values, "erf_fpn", key, ref="erf")
+        if p:
+            parts.append(f"{label} {_fmt_paired(p)} (per seed {_per_seed(p)})")
+    return ("pyramid pre-training: erf_fpn (backbone + FPN) − erf (backbone only), paired: "
+            + ("; ".join(parts) or "no common seed yet"))
+
+
 def report(results, views, out):
     """Prints and writes (table.md) per dataset: detection AP and probes (mean ± std over seeds,
     paired difference to scratch: mean [min, max]), the per-seed values, and a chart."""
@@ -924,6 +950,9 @@ def report(results, views, out):
             per_seed_text = f", per seed {_per_seed(p)}" if p else ""
             text += [f"Table 3 view (equal total CPU time): {view['table3']} − scratch_long "
                      f"AP {_fmt_paired(p)}{per_seed_text}", ""]
+        pyramid = pyramid_line(values)
+        if pyramid:
+            text += [pyramid, ""]
         handoff = handoff_table(values)
         if handoff:
             text += ["hand-off by norm: Δ = paired difference to the scratch detector of the same "

@@ -24,7 +24,9 @@ def load(path):
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=os.path.basename)
 def test_pretrain_config_loads(path, caplog):
     cfg = load(path)
-    assert cfg.MODEL.META_ARCHITECTURE == "MontageClassifier"
+    # backbone only, or backbone + pyramid (configs with an FPN MODEL.BACKBONE.NAME)
+    assert cfg.MODEL.META_ARCHITECTURE == (
+        "MontageFPNClassifier" if "fpn" in cfg.MODEL.BACKBONE.NAME else "MontageClassifier")
     assert cfg.MODEL.WEIGHTS == ""  # from scratch, nothing downloaded
     cfg.MONTAGE.BANK = "bank.h5"
     assert_montage_cfg(cfg, world_size=1)

@@ -2,6 +2,7 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 
 from finetune_helpers import TOY, finetune_cfg
@@ -36,17 +37,18 @@ def test_read_export_weights_and_settings(export_path):
 
 def test_read_export_other_files_have_no_settings(tmp_path):
     path = write_pickle(tmp_path / "torchvision.pkl",
-                        {"model": {"stem.conv1.weight": 1}, "__author__": "torchvision",
+                        {"model": {"stem.conv1.weight": np.ones(1)}, "__author__": "torchvision",
                          "matching_heuristics": True})
     export = read_export(path)
-    assert export.settings is None and export.weights == {"stem.conv1.weight": 1}
+    assert export.settings is None and list(export.weights) == ["stem.conv1.weight"]
 
 
 def test_read_export_caffe2_blobs_as_detectron2_reads_them(tmp_path):
-    path = write_pickle(tmp_path / "c2.pkl", {"blobs": {"conv1_w": 1, "conv1_w_momentum": 2}})
+    path = write_pickle(tmp_path / "c2.pkl",
+                        {"blobs": {"conv1_w": np.ones(1), "conv1_w_momentum": np.ones(2)}})
     export = read_export(path)
-    assert export.checkpoint == {"model": {"conv1_w": 1}, "__author__": "Caffe2",
-                                 "matching_heuristics": True}
+    assert list(export.weights) == ["conv1_w"]  # momentum blobs dropped
+    assert export.checkpoint["__author__"] == "Caffe2" and export.checkpoint["matching_heuristics"]
     assert export.settings is None
 
 
@@ -101,7 +103,8 @@ def test_settings_mismatch_is_one_clear_line(export_path, opts, key):
 
 def test_other_files_are_not_checked(tmp_path):
     path = write_pickle(tmp_path / "torchvision.pkl",
-                        {"model": {}, "__author__": "torchvision", "matching_heuristics": True})
+                        {"model": {"stem.conv1.weight": np.ones(1)}, "__author__": "torchvision",
+                         "matching_heuristics": True})
     assert check_export_settings(finetune_cfg(), read_export(path)) is None
 
 

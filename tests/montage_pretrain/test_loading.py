@@ -6,6 +6,7 @@ import pytest
 
 from detectron2.modeling import build_model
 from finetune_helpers import FINETUNE, TOY, TOY_GN, finetune_cfg
+from montage_pretrain import export_format
 from montage_pretrain.export_format import read_export
 from montage_pretrain.loading import backbone_keys, load_and_verify, read_checked_weights
 
@@ -50,6 +51,7 @@ def test_load_and_verify_from_memory_does_not_reread(export_path, monkeypatch):
         raise AssertionError("the export was unpickled again")
 
     monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(export_format, "load_weight_pickle", no_unpickling)  # the safe reader
     for _ in range(2):  # the in-memory export stays usable: loading does not consume it
         summary = load_and_verify(build_model(finetune_cfg()), export)
         assert summary["loaded"] == 100

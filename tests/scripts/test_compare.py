@@ -347,3 +347,48 @@ def test_handoff_arms_share_pretraining_and_pair_with_their_norm(compare, tmp_pa
     assert rows["erf_gn"][5:7] == ["scratch", "+2.00 [+2.00, +2.00]"]
     assert rows["erf_frozenbn"][5:7] == ["scratch_bn", "+2.00 [+2.00, +2.00]"]
     assert rows["scratch_bn"][5:7] == ["—", "—"]
+
+
+def test_erf_fpn_arm_pretrains_the_pyramid_and_pairs_with_erf(compare, tmp_path, monkeypatch,
+                                                              capsys):
+    """erf_fpn (backbone + pyramid pre-training): its own pre-training with the FPN demo config and
+    the ERF loss, erf's detector config, its own probe, and the paired erf_fpn − erf line."""
+    fake = FakeSteps(compare.EXPORT_NAME)
+    monkeypatch.setattr(compare, "run", fake)
+    monkeypatch.setattr(compare, "probe_script_found", lambda: True)
+    data = tmp_path / "data" / "mine"
+    for split in ("train", "valid"):
+        _coco(data / split / "_annotations.coco.json")
+    out = tmp_path / "out"
+    compare.main([
+        "--out", str(out), "--quick", "1", "--seeds", "0,1", "--frozen",
+        "--arms", "scratch,erf,erf_fpn",
+        "--train-json", str(data / "train/_annotations.coco.json"),
+        "--train-images", str(data / "train"),
+        "--val-json", str(data / "valid/_annotations.coco.json"),
+        "--val-images", str(data / "valid")])
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    pre = {(r["arm"], r["seed"]): r for r in results.values() if r["step"] == "pretrain"}
+    assert sorted(pre) == [("erf", 0), ("erf", 1), ("erf_fpn", 0), ("erf_fpn", 1)]
+    fpn_pre, erf_pre = pre[("erf_fpn", 0)], pre[("erf", 0)]
+    assert "montage_R_18_FPN_toy.yaml" in fpn_pre["command"]
+    assert "MONTAGE.LOSS erf" in fpn_pre["command"]
+    # equal pre-training compute: same iterations, canvas and ERF schedule as erf
+    for key in ("iters", "input_size", "warmup", "erf_period", "loss"):
+        assert fpn_pre["settings"][key] == erf_pre["settings"][key], key
+    ft = {(r["arm"], r["seed"], r["step"]): r for r in results.values()
+          if r["step"] in ("finetune", "frozen")}
+    assert ft[("erf_fpn", 0, "finetune")]["weights"] == fpn_pre["export"] != erf_pre["export"]
+    for step in ("finetune", "frozen"):
+        assert ft[("erf_fpn", 0, step)]["settings"]["finetune"]["config"] == \
+            ft[("erf", 0, step)]["settings"]["finetune"]["config"] == compare.FINETUNE_CONFIG
+    assert {r["arm"] for r in results.values() if r["step"] == "probe"} == {
+        "scratch", "erf", "erf_fpn"}
+    text = capsys.readouterr().out
+    # FakeSteps: AP = 3 + 0.5 * seed + iterations / 1000 for any export: no difference
+    assert "pyramid pre-training: erf_fpn (backbone + FPN) − erf (backbone only), paired: " \
+           "AP +0.00 [+0.00, +0.00]" in text
+    rows = [cells(line) for line in text.splitlines() if line.startswith("| erf_fpn")]
+    assert rows and rows[0][1] == "2"  # the detection table has the arm over both seeds
+    assert compare.arm_spec("erf_fpn")["ref"] == "scratch_bn"

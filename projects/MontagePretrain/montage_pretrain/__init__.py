@@ -4,6 +4,7 @@ from .data import MontageStream, build_montage_train_loader, collate_montages
 from .export import convert_state_dict, export_backbone
 from .hooks import ERFRefreshHook, ExportHook
 from .meta_arch import MontageClassifier
+from .fpn_meta_arch import MontageFPNClassifier
 from .montage import MontageTemplate, assemble_montages
 from . import backbones as _  # noqa: F401  (registers the RegNet builders)
 

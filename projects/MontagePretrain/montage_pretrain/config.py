@@ -75,6 +75,24 @@ def add_montage_config(cfg):
     # Export written at the end of training (and by `python -m montage_pretrain.export`).
     _C.MONTAGE.EXPORT_NAME = "montage_backbone.pkl"
 
+    # Pyramid pre-training (beyond the paper): MODEL.META_ARCHITECTURE "MontageFPNClassifier" with
+    # an FPN MODEL.BACKBONE.NAME (build_resnet_fpn_backbone, ...; MODEL.FPN.* as the detector's).
+    # The export then carries backbone + pyramid (montage_pretrain/fpn_meta_arch.py).
+    _C.MONTAGE.FPN = CN()
+    # Levels classified, each with its own region map and ERF weights. Every FPN output with
+    # weights must be listed (p2..p5 for a stock FPN); p6 of LastLevelMaxPool (p5 subsampled, no
+    # weights) is optional. Each level must keep >= 1 position per region on the canvas: at
+    # SPLIT 0.3, p5 (stride 32) needs INPUT_SIZE >= 64, p6 (stride 64) >= 128.
+    _C.MONTAGE.FPN.LEVELS = ["p2", "p3", "p4", "p5"]
+    # Weight of each level's loss in the mean over levels, one per LEVELS entry; [] = equal.
+    _C.MONTAGE.FPN.LEVEL_WEIGHTS = []
+    # One 1x1 classifier shared by every level (True), or one per level (False).
+    _C.MONTAGE.FPN.SHARED_HEAD = True
+    # Cost cap of an ERF refresh, per level: each position costs one backward pass per ERF
+    # montage, so a level of P_l positions averages over min(ERF_NUM_IMAGES, max(1,
+    # ERF_LEVEL_BUDGET // P_l)) of the montages. 0 = every level uses all ERF_NUM_IMAGES.
+    _C.MONTAGE.FPN.ERF_LEVEL_BUDGET = 0
+
 
 # SOLVER.BASE_LR per montage of the batch: the paper's 0.8 for 512 montages.
 PAPER_LR_PER_MONTAGE = 0.8 / 512
@@ -154,11 +172,21 @@ def assert_montage_cfg(cfg, world_size=1):
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning configs: stock model-zoo bases
 # ---------------------------------------------------------------------------------------------
-__all__ += ["MODEL_ZOO_PREFIX", "resolve_model_zoo_path", "merge_config_file"]
+__all__ += ["MODEL_ZOO_PREFIX", "ConfigFileError", "resolve_model_zoo_path", "merge_config_file"]
 
 # A _BASE_ (or config path) ``model_zoo://REL`` names the stock config REL inside the installed
 # detectron2 package, whose location a relative _BASE_ cannot know.
 MODEL_ZOO_PREFIX = "model_zoo://"
+
+
+def _stock_config_dir():
+    """The installed ``detectron2/model_zoo/configs`` folder."""
+    import importlib.util
+    import os
+
+    # find_spec locates the package without importing it (its import pulls in pkg_resources).
+    spec = importlib.util.find_spec("detectron2.model_zoo")
+    return os.path.join(list(spec.submodule_search_locations)[0], "configs")
 
 
 def resolve_model_zoo_path(path):
@@ -167,15 +195,12 @@ def resolve_model_zoo_path(path):
     the stock config file ``REL`` inside the installed ``detectron2/model_zoo/configs``.
     Other paths are returned unchanged.
     """
-    import importlib.util
     import os
 
     if MODEL_ZOO_PREFIX not in path:
         return path
     rel = path.split(MODEL_ZOO_PREFIX, 1)[1]
-    # find_spec locates the package without importing it (its import pulls in pkg_resources).
-    spec = importlib.util.find_spec("detectron2.model_zoo")
-    full = os.path.join(list(spec.submodule_search_locations)[0], "configs", rel)
+    full = os.path.join(_stock_config_dir(), rel)
     if not os.path.isfile(full):
         raise FileNotFoundError(
             f"{MODEL_ZOO_PREFIX}{rel}: no such stock config in {os.path.dirname(full)}; "
@@ -184,30 +209,83 @@ def resolve_model_zoo_path(path):
     return full
 
 
+class ConfigFileError(ValueError):
+    """A config file that is refused (it would run code when loaded): one line, file and fix."""
+
+
+def _is_stock_config(path):
+    """True for a file inside the installed ``detectron2/model_zoo/configs`` (trusted like the
+    package's code: ``Base-RetinaNet.yaml`` computes its anchor sizes with a python/eval tag)."""
+    import os
+
+    stock = os.path.realpath(_stock_config_dir())
+    return os.path.commonpath([stock, os.path.realpath(path)]) == stock
+
+
 class _ModelZooCfgNode(CN):
-    """A CfgNode whose ``_BASE_`` may name a stock config as ``model_zoo://REL``."""
+    """
+    A CfgNode whose ``_BASE_`` may name a stock config as ``model_zoo://REL`` and whose YAML is
+    loaded safely: ``yaml.safe_load`` only, except for stock configs and ``UNSAFE_OPT_IN``.
+    """
+
+    # Set on the subclass that merge_config_file(..., allow_unsafe=True) uses.
+    UNSAFE_OPT_IN = False
 
     @classmethod
     def load_yaml_with_base(cls, filename, allow_unsafe=False):
-        return super().load_yaml_with_base(resolve_model_zoo_path(filename), allow_unsafe)
+        import re
+
+        import yaml
+
+        path = resolve_model_zoo_path(filename)
+        # fvcore passes a file's allow_unsafe down its _BASE_ chain: ignore it and decide per
+        # file, so a trusted stock config cannot lend its trust to anything else.
+        unsafe = cls.UNSAFE_OPT_IN or _is_stock_config(path)
+        try:
+            return super().load_yaml_with_base(path, allow_unsafe=unsafe)
+        except yaml.constructor.ConstructorError as e:
+            found = re.search(r"tag:yaml\.org,2002:([^'\s]+)", e.problem or "")
+            tag = f" (!!{found.group(1)})" if found else ""
+            raise ConfigFileError(
+                f"{path}: refusing a YAML tag that runs Python code when loaded{tag}, line "
+                f"{e.problem_mark.line + 1 if e.problem_mark else '?'}. Fix: write the value as "
+                "plain YAML (numbers, strings, lists); only for a file you trust, pass "
+                "allow_unsafe=True to merge_config_file."
+            ) from e
 
 
-def merge_config_file(cfg, path, allow_unsafe=True):
+class _UnsafeModelZooCfgNode(_ModelZooCfgNode):
+    """The explicit opt-in: ``yaml.unsafe_load`` for files ``yaml.safe_load`` refuses."""
+
+    UNSAFE_OPT_IN = True
+
+
+def merge_config_file(cfg, path, allow_unsafe=False):
     """
     Merges a YAML config into ``cfg`` like ``cfg.merge_from_file``, resolving ``model_zoo://``.
+
+    Unlike Detectron2's ``merge_from_file`` (``allow_unsafe=True`` by default), every file of the
+    ``_BASE_`` chain is read with ``yaml.safe_load``: a ``!!python/...`` tag, which would run
+    code, is refused with one line naming the file. The stock configs of the installed
+    detectron2 package are trusted like its code.
 
     Args:
         cfg (CfgNode): e.g. ``get_cfg()`` with ``add_montage_config`` applied.
         path (str): YAML file; its ``_BASE_`` chain may use ``model_zoo://`` and relative paths.
+        allow_unsafe (bool): the explicit opt-in to ``yaml.unsafe_load`` (files you trust only).
 
     Returns:
         CfgNode: ``cfg``, merged in place.
+
+    Raises:
+        ConfigFileError: a file of the chain holds a Python tag and ``allow_unsafe`` is False.
     """
     import os
 
     if not os.path.isfile(path) and MODEL_ZOO_PREFIX not in path:
         raise FileNotFoundError(f"Config file not found: {path}")
-    loaded = _ModelZooCfgNode.load_yaml_with_base(path, allow_unsafe=allow_unsafe)
+    loader = _UnsafeModelZooCfgNode if allow_unsafe else _ModelZooCfgNode
+    loaded = loader.load_yaml_with_base(path)
     loaded = type(cfg)(loaded)
     if loaded.get("VERSION", cfg.VERSION) != cfg.VERSION:
         raise ValueError(

@@ -6,7 +6,10 @@ The file is what ``tools/convert-torchvision-to-d2.py`` writes: a pickle
 (``stem.conv1.weight``, ``res2.0.conv1.norm.running_mean``, ... ``res5.*``) plus
 ``matching_heuristics`` let :class:`DetectionCheckpointer` fill the stock C4 model
 (``backbone.res4.*`` and ``roi_heads.res5.*``) and the stock FPN models
-(``backbone.bottom_up.*``) from one file, by longest-suffix matching.
+(``backbone.bottom_up.*``) from one file, by longest-suffix matching. A pyramid pre-training
+(``MontageFPNClassifier``) also exports its FPN's own layers under their bare names
+(``fpn_lateral2.weight``, ``fpn_output5.bias``, ...), which fill a stock FPN detector's
+``backbone.fpn_*`` the same way (C4 detectors leave them unused).
 
 Two extras make the hand-off checkable; their format is :mod:`montage_pretrain.export_format`:
 
@@ -30,20 +33,25 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .config import add_montage_config
+from .config import add_montage_config, merge_config_file
 from .export_format import (
     AUTHOR,
+    PYRAMID_PREFIXES,
     SIDECAR_SUFFIX,
     export_settings,
     format_opts,
+    is_pyramid_cfg,
     settings_to_overrides,
     sidecar_yaml,
 )
+from .loading import torch_load_weights_only
 
 __all__ = [
     "BACKBONE_PREFIXES",
     "convert_state_dict",
     "export_backbone",
+    "expected_backbone_shapes",
+    "check_checkpoint_fits_cfg",
     "parse_args",
     "main",
 ]
@@ -65,30 +73,42 @@ def _to_numpy(tensor):
     return tensor.numpy()
 
 
-def convert_state_dict(state_dict):
+def convert_state_dict(state_dict, pyramid=False):
     """
     Keeps the backbone of a pre-training state dict, under the bare Detectron2 names.
 
-    ``backbone.`` (or ``backbone.bottom_up.`` for an FPN backbone, whose FPN layers are dropped)
-    is stripped, ``module.`` from DDP too; ``num_batches_tracked`` is dropped. BN running
-    mean/var are kept: a FrozenBN detector normalises with them.
+    ``backbone.`` (or ``backbone.bottom_up.`` for an FPN backbone, whose FPN layers are dropped
+    unless ``pyramid``) is stripped, ``module.`` from DDP too; ``num_batches_tracked`` is dropped.
+    BN running mean/var are kept: a FrozenBN detector normalises with them.
 
     Args:
         state_dict (dict[str, Tensor]): e.g. ``model.state_dict()`` of ``MontageClassifier``.
+        pyramid (bool): also keep the FPN's own layers (``backbone.fpn_*``,
+            ``backbone.top_block.*``) as ``fpn_*`` / ``top_block.*`` (needs an FPN backbone).
 
     Returns:
         tuple(OrderedDict[str, np.ndarray], list[str]): the converted weights, and the
-        original names that were dropped (head, buffers like ``erf_weights``, FPN, counters).
+        original names that were dropped (head, buffers like ``erf_weights``, FPN unless
+        ``pyramid``, counters).
     """
     has_bottom_up = any(
         k.split("module.", 1)[-1].startswith("backbone.bottom_up.") for k in state_dict
     )
+    if pyramid and not has_bottom_up:
+        raise ValueError(
+            "A pyramid export needs an FPN backbone ('backbone.bottom_up.*' and "
+            f"'backbone.fpn_*'; first keys: {list(state_dict)[:5]}); pass the state dict of "
+            "MontageFPNClassifier, or export a backbone-only model without pyramid"
+        )
     converted = OrderedDict()
     dropped = []
     for old_name in state_dict:
         name = old_name[len("module."):] if old_name.startswith("module.") else old_name
         prefix = "backbone.bottom_up." if has_bottom_up else "backbone."
-        if not name.startswith(prefix) or name.endswith("num_batches_tracked"):
+        if pyramid and name.startswith("backbone.") and name[len("backbone."):].startswith(
+                PYRAMID_PREFIXES) and not name.endswith("num_batches_tracked"):
+            prefix = "backbone."  # fpn_lateral2.weight, ...: the stock FPN's own names
+        elif not name.startswith(prefix) or name.endswith("num_batches_tracked"):
             dropped.append(old_name)
             continue
         new_name = name[len(prefix):]
@@ -153,19 +173,20 @@ def export_backbone(model_or_state_dict, cfg, path, iteration=None):
     Args:
         model_or_state_dict (nn.Module or dict): the pre-training model (its ``backbone``
             attribute; DDP wrappers are unwrapped) or its state dict.
-        cfg (CfgNode): the pre-training config (pixel/ResNet settings are read from it).
+        cfg (CfgNode): the pre-training config (pixel/ResNet settings are read from it; a
+            ``MontageFPNClassifier`` config exports the pyramid too, :func:`is_pyramid_cfg`).
         path (str): output ``.pkl`` path.
         iteration (int or None): pre-training iteration, stored in the settings.
 
     Returns:
-        dict: ``{"path", "yaml", "num_tensors", "dropped", "settings"}``.
+        dict: ``{"path", "yaml", "num_tensors", "num_pyramid_tensors", "dropped", "settings"}``.
     """
     if isinstance(model_or_state_dict, torch.nn.Module):
         model = getattr(model_or_state_dict, "module", model_or_state_dict)
         state_dict = model.state_dict()
     else:
         state_dict = model_or_state_dict
-    weights, dropped = convert_state_dict(state_dict)
+    weights, dropped = convert_state_dict(state_dict, pyramid=is_pyramid_cfg(cfg))
     _check_stages(weights)
     freeze_at = cfg.MODEL.BACKBONE.get("FREEZE_AT", 0)
     if int(freeze_at or 0) > 0:
@@ -184,28 +205,43 @@ def export_backbone(model_or_state_dict, cfg, path, iteration=None):
     _atomic_write(path, data, "wb")
     yaml_path = path + SIDECAR_SUFFIX
     _atomic_write(yaml_path, sidecar_yaml(settings, path), "w")
+    pyramid = sum(k.startswith(PYRAMID_PREFIXES) for k in weights)
     logger.info(
-        "Exported %d backbone tensors to %s (+ %s); settings: %s",
-        len(weights), path, yaml_path, {k: v for k, v in settings.items()},
+        "Exported %d backbone tensors (%d of them the pyramid's) to %s (+ %s); settings: %s",
+        len(weights), pyramid, path, yaml_path, {k: v for k, v in settings.items()},
     )
     return {
         "path": path,
         "yaml": yaml_path,
         "num_tensors": len(weights),
+        "num_pyramid_tensors": pyramid,
         "dropped": dropped,
         "settings": settings,
     }
 
 
-def _load_checkpoint(path):
-    """Loads a trainer checkpoint (``model_final.pth``) or a bare state dict on the CPU."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Trainer checkpoints may hold plain-Python extras outside the weights_only allow-list;
-        # this is the user's own training output, so a full unpickle is acceptable.
-        logger.info("%s is not weights_only-loadable; loading it with full unpickling", path)
+def _load_checkpoint(path, trust=False):
+    """
+    Loads a trainer checkpoint (``model_final.pth``) or a bare state dict on the CPU.
+
+    ``torch.load(weights_only=True)`` builds only tensors and plain values; our trainer
+    checkpoints (model with ERF buffers, optimizer, scheduler and hook state, iteration) are
+    made of those. Anything else needs a full unpickle, which can run code: only with ``trust``.
+
+    Returns:
+        tuple(dict, int or None): the state dict and the checkpoint's iteration.
+
+    Raises:
+        WeightFileError: not weights_only-loadable and ``trust`` is False (one line).
+    """
+    if trust:
+        logger.warning("--trust-checkpoint: fully unpickling %s (it can run code)", path)
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        ckpt = torch_load_weights_only(
+            path, "only if you trust this file (e.g. your own training output), pass "
+                  "--trust-checkpoint"
+        )
     if isinstance(ckpt, dict) and "model" in ckpt:
         iteration = ckpt.get("iteration")
         if iteration is None and isinstance(ckpt.get("trainer"), dict):
@@ -215,15 +251,97 @@ def _load_checkpoint(path):
 
 
 def _load_cfg(config_file):
-    """Merges the pre-training run's ``config.yaml`` into a fresh config."""
+    """Merges the pre-training run's ``config.yaml`` into a fresh config (safe YAML only)."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_montage_config(cfg)
     # Keys added by later versions of the project are irrelevant here: only stock keys are read.
     cfg.set_new_allowed(True)
-    cfg.merge_from_file(config_file, allow_unsafe=True)
+    merge_config_file(cfg, config_file)
     return cfg
+
+
+def _shape_summary(cfg):
+    """``MODEL.BACKBONE.NAME ... MODEL.RESNETS.DEPTH 50 ...``: the config values that set the
+    backbone's tensor shapes (named in the mismatch error)."""
+    keys = ["MODEL.BACKBONE.NAME"]
+    if "resnet" in cfg.MODEL.BACKBONE.NAME:
+        keys += [f"MODEL.RESNETS.{k}" for k in
+                 ("DEPTH", "RES2_OUT_CHANNELS", "NUM_GROUPS", "WIDTH_PER_GROUP", "NORM")]
+    elif "regnet" in cfg.MODEL.BACKBONE.NAME:
+        keys.append("MONTAGE.REGNET")
+    values = {"MODEL.BACKBONE.NAME": cfg.MODEL.BACKBONE.NAME,
+              "MONTAGE.REGNET": cfg.MONTAGE.REGNET}
+    values.update({f"MODEL.RESNETS.{k}": v for k, v in cfg.MODEL.RESNETS.items()})
+    return " ".join(f"{k} {values[k]}" for k in keys)
+
+
+def expected_backbone_shapes(cfg):
+    """
+    Returns ``{"backbone.<name>": shape}`` of the backbone ``cfg`` builds, i.e. the backbone
+    tensors a pre-training checkpoint of ``cfg`` holds (BN counters left out). Built on the meta
+    device: no memory, no initialisation cost.
+    """
+    from detectron2.modeling import build_backbone
+
+    from . import backbones as _  # noqa: F401  (registers the RegNet builders)
+
+    try:
+        with torch.device("meta"):
+            backbone = build_backbone(cfg)
+    except (AssertionError, KeyError, ValueError) as e:  # Detectron2 asserts on bad shapes
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"the config builds no backbone ({_shape_summary(cfg)}: {type(e).__name__} "
+            f"{reason}). Fix: pass the config.yaml the pre-training run wrote (--config-file)."
+        ) from e
+    return {f"backbone.{k}": tuple(v.shape) for k, v in backbone.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def _checkpoint_backbone_shapes(state_dict):
+    """``{"backbone.<name>": shape}`` of a checkpoint's state dict (DDP's ``module.`` dropped)."""
+    shapes = {}
+    for key, value in state_dict.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        if name.startswith("backbone.") and not name.endswith("num_batches_tracked"):
+            shapes[name] = tuple(value.shape)
+    return shapes
+
+
+def _listed(label, items):
+    more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+    return f"{len(items)} {label}: {', '.join(items[:3])}{more}"
+
+
+def check_checkpoint_fits_cfg(state_dict, cfg, checkpoint):
+    """
+    Refuses a checkpoint whose backbone names or shapes differ from what ``cfg`` builds: the
+    export records ``cfg``'s depth and width, and fine-tuning builds its detector from them.
+
+    Args:
+        state_dict (dict[str, Tensor]): the checkpoint's ``model`` dict.
+        cfg (CfgNode): the pre-training config given with the checkpoint.
+        checkpoint (str): the checkpoint's path (named in the error).
+
+    Raises:
+        ValueError: one line naming the config's shape, the first differences and the fix.
+    """
+    expected = expected_backbone_shapes(cfg)
+    have = _checkpoint_backbone_shapes(state_dict)
+    wrong = [f"{k} {have[k]} vs {v}" for k, v in expected.items() if k in have and have[k] != v]
+    missing = [k for k in expected if k not in have]
+    extra = [k for k in have if k not in expected]
+    problems = [_listed(label, items) for label, items in (
+        ("with another shape (checkpoint vs config)", wrong), ("missing", missing),
+        ("not in the config's backbone", extra)) if items]
+    if problems:
+        raise ValueError(
+            f"{checkpoint} does not fit the config's backbone ({_shape_summary(cfg)}): "
+            + "; ".join(problems)
+            + ". Fix: pass the config.yaml of the run that wrote this checkpoint (--config-file)."
+        )
 
 
 def parse_args(argv=None):
@@ -239,6 +357,11 @@ def parse_args(argv=None):
         "--checkpoint", required=True, help="trainer checkpoint, e.g. OUTPUT_DIR/model_final.pth"
     )
     parser.add_argument("--out", required=True, help="output .pkl path")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="fully unpickle a checkpoint that torch.load(weights_only=True) refuses; this can "
+        "run code from the file: only for files you trust",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every name mapping")
     return parser.parse_args(argv)
 
@@ -252,8 +375,12 @@ def main(argv=None):
     )
     if not args.out.endswith(".pkl"):
         raise SystemExit(f"--out must end with .pkl (Detectron2 reads .pkl as numpy): {args.out}")
-    cfg = _load_cfg(args.config_file)
-    state_dict, iteration = _load_checkpoint(args.checkpoint)
+    try:
+        cfg = _load_cfg(args.config_file)
+        state_dict, iteration = _load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        check_checkpoint_fits_cfg(state_dict, cfg, args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:  # one-line input problems, refused files
+        raise SystemExit(f"montage-export: {e}") from None
     summary = export_backbone(state_dict, cfg, args.out, iteration=iteration)
     print(f"wrote {summary['path']} ({summary['num_tensors']} tensors, iteration {iteration})")
     print(f"wrote {summary['yaml']}")

@@ -5,7 +5,9 @@ An export is what ``tools/convert-torchvision-to-d2.py`` writes, plus one key: a
 ``{"model": {bare name: np.ndarray}, "__author__": "MontagePretrain", "matching_heuristics": True,
 "montage": settings}``. ``settings`` (:func:`export_settings`) are the config values fine-tuning
 must match: pixel mean/std, input format, ResNet shape and stride placement, norm, backbone name,
-plus ``format_version`` and the pre-training ``iteration``. Everything else derives from them:
+plus ``format_version`` and the pre-training ``iteration``; a pyramid export
+(``MontageFPNClassifier``, whose ``model`` also holds ``fpn_*`` tensors) adds the FPN's shape,
+norm and fusion (:data:`PYRAMID_SETTING_KEYS`). Everything else derives from them:
 
 * the ``<export>.pkl.yaml`` sidecar (:func:`sidecar_yaml`): the same settings as fine-tuning
   config overrides (:func:`settings_to_overrides`), merged with ``--weights-config``;
@@ -13,7 +15,9 @@ plus ``format_version`` and the pre-training ``iteration``. Everything else deri
   error names the fix as ``KEY VALUE`` pairs (:func:`format_opts`).
 
 :func:`read_export` unpickles a weight file once; :mod:`montage_pretrain.loading` loads the
-weights from that in-memory copy, so a fine-tuning run reads the file a single time.
+weights from that in-memory copy, so a fine-tuning run reads the file a single time. Unpickling
+can run code, so weight files are read by a restricted unpickler (:func:`load_weight_pickle`)
+that builds only what a weight file holds: dicts, lists, strings, numbers and numpy arrays.
 """
 import logging
 import math
@@ -34,13 +38,19 @@ __all__ = [
     "FORMAT_VERSION",
     "AUTHOR",
     "SETTING_KEYS",
+    "PYRAMID_SETTING_KEYS",
+    "PYRAMID_META_ARCH",
+    "PYRAMID_PREFIXES",
     "BN_NORMS",
     "SIDECAR_SUFFIX",
     "default_export_name",
+    "is_pyramid_cfg",
     "export_settings",
     "settings_to_overrides",
     "format_opts",
     "sidecar_yaml",
+    "WeightFileError",
+    "load_weight_pickle",
     "ExportFile",
     "read_export",
     "check_export_settings",
@@ -66,6 +76,19 @@ SETTING_KEYS = (
     "MODEL.RESNETS.NORM",
     "MODEL.BACKBONE.NAME",
 )
+# Pre-training meta-architecture whose export carries the feature pyramid too.
+PYRAMID_META_ARCH = "MontageFPNClassifier"
+# What a stock FPN detector must match to take a pre-trained pyramid: the tensors' shapes
+# (IN_FEATURES, OUT_CHANNELS, NORM) and how the top-down pathway combines them (FUSE_TYPE).
+PYRAMID_SETTING_KEYS = (
+    "MODEL.FPN.IN_FEATURES",
+    "MODEL.FPN.OUT_CHANNELS",
+    "MODEL.FPN.NORM",
+    "MODEL.FPN.FUSE_TYPE",
+)
+# Bare names of an FPN's own layers in an export (Detectron2's FPN: fpn_lateral<s>,
+# fpn_output<s>, top_block); the bottom-up network keeps its ResNet names.
+PYRAMID_PREFIXES = ("fpn_", "top_block.")
 # BN-family norms share the (weight, bias, running_mean, running_var) layout and hand over
 # to FrozenBN; GN carries no running statistics.
 BN_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "FrozenBN")
@@ -85,6 +108,12 @@ def default_export_name():
     cfg = CfgNode()
     add_montage_config(cfg)
     return cfg.MONTAGE.EXPORT_NAME
+
+
+def is_pyramid_cfg(cfg):
+    """True when the pre-training ``cfg`` trains backbone + pyramid (MontageFPNClassifier): its
+    export then carries the FPN tensors and :data:`PYRAMID_SETTING_KEYS`."""
+    return cfg.MODEL.META_ARCHITECTURE == PYRAMID_META_ARCH
 
 
 def _cfg_get(cfg, dotted, default=None):
@@ -121,6 +150,8 @@ def export_settings(cfg, iteration=None):
         dict: dotted config key -> value, plus ``format_version`` and ``iteration``.
     """
     settings = {key: _to_plain(_cfg_get(cfg, key)) for key in SETTING_KEYS}
+    if is_pyramid_cfg(cfg):
+        settings.update({key: _to_plain(_cfg_get(cfg, key)) for key in PYRAMID_SETTING_KEYS})
     if "regnet" in str(settings["MODEL.BACKBONE.NAME"]).lower():
         settings["MONTAGE.REGNET"] = _cfg_get(cfg, "MONTAGE.REGNET")
     settings["format_version"] = FORMAT_VERSION
@@ -153,6 +184,10 @@ def settings_to_overrides(settings, weights_path=None):
     norm = settings.get("MODEL.RESNETS.NORM")
     if norm:
         overrides["MODEL.RESNETS.NORM"] = "FrozenBN" if norm in BN_NORMS else norm
+    for key in PYRAMID_SETTING_KEYS:  # a pyramid export only
+        if key in settings:
+            value = settings[key]
+            overrides[key] = "FrozenBN" if key == "MODEL.FPN.NORM" and value in BN_NORMS else value
     if settings.get("MONTAGE.REGNET"):
         overrides["MONTAGE.REGNET"] = settings["MONTAGE.REGNET"]
     if weights_path:
@@ -206,6 +241,96 @@ def sidecar_yaml(settings, path):
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
+class WeightFileError(ValueError):
+    """A weight file that is not one (or would run code when read): one line, file and fix."""
+
+
+# The fix named by every weight-file error.
+_WEIGHTS_FIX = (
+    "Fix: pass a Detectron2 .pkl of numpy arrays (python -m montage_pretrain.export writes "
+    "one; Detectron2 model-zoo and MSRA .pkl files are of this kind)"
+)
+# The only globals a weight pickle may name: the containers and numpy array pieces that
+# Detectron2 / MSRA / torchvision-converted .pkl files and our exports are made of. Each of them
+# builds data and nothing else; any other global (builtins.exec, os.system, torch's rebuild
+# functions, ...) could run code.
+_ALLOWED_GLOBALS = frozenset([
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # bytes in protocol 0-2 pickles written by Python 3
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"),  # ndarray, protocol <= 4
+    ("numpy._core.multiarray", "scalar"),  # numpy scalars (np.float32(1.0))
+    ("numpy._core.numeric", "_frombuffer"),  # ndarray, protocol 5
+])
+# numpy < 2 wrote numpy.core.*, numpy >= 2 writes numpy._core.* (same functions).
+_NUMPY_RENAMES = {"numpy.core.multiarray": "numpy._core.multiarray",
+                  "numpy.core.numeric": "numpy._core.numeric"}
+
+
+class _WeightUnpickler(pickle.Unpickler):
+    """An unpickler that refuses every global outside :data:`_ALLOWED_GLOBALS`."""
+
+    def __init__(self, file, path):
+        # latin1: Python 2 pickles (MSRA / Detectron1 blobs) hold numpy buffers as str.
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module, name):
+        canonical = _NUMPY_RENAMES.get(module, module)
+        if (canonical, name) not in _ALLOWED_GLOBALS:
+            raise WeightFileError(
+                f"{self.path}: refusing to unpickle {module}.{name} (a weight file holds only "
+                "dicts, lists, strings, numbers and numpy arrays; anything else can run code "
+                f"when unpickled). {_WEIGHTS_FIX}, converted from this file only if you trust it."
+            )
+        try:
+            return super().find_class(canonical, name)
+        except ImportError:  # numpy < 2 has no numpy._core
+            return super().find_class(canonical.replace("numpy._core", "numpy.core"), name)
+
+
+def load_weight_pickle(path):
+    """
+    Unpickles a weight file with the restricted unpickler; nothing in the file can run code.
+
+    Args:
+        path (str): a local ``.pkl`` file.
+
+    Returns:
+        object: what the file holds (built from :data:`_ALLOWED_GLOBALS` and plain values).
+
+    Raises:
+        WeightFileError: a forbidden global, or a file that is not a readable pickle.
+    """
+    with open(path, "rb") as f:
+        try:
+            return _WeightUnpickler(f, path).load()
+        except WeightFileError:
+            raise
+        except Exception as e:  # garbage and truncated files fail in many ways inside pickle
+            reason = str(e).splitlines()[0] if str(e) else ""
+            raise WeightFileError(
+                f"{path} is not a readable weight pickle ({type(e).__name__}: {reason}). "
+                f"{_WEIGHTS_FIX}."
+            ) from e
+
+
+def _check_weights(path, weights):
+    """Every weight must be a numeric numpy array, as DetectionCheckpointer needs them."""
+    if not isinstance(weights, dict) or not weights:
+        raise WeightFileError(f"{path} holds no weights (an empty or non-dict 'model'). "
+                              f"{_WEIGHTS_FIX}.")
+    for key, value in weights.items():
+        if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+            kind = f"an array of {value.dtype}" if isinstance(value, np.ndarray) else (
+                f"a {type(value).__name__}")
+            raise WeightFileError(
+                f"{path} is not a weight file: {key!r} is {kind}, not a numpy array of numbers. "
+                f"{_WEIGHTS_FIX}."
+            )
+
+
 @dataclass(frozen=True)
 class ExportFile:
     """
@@ -231,33 +356,41 @@ class ExportFile:
 
 def read_export(path):
     """
-    Unpickles a ``.pkl`` weight file once: weights plus, for a Montage export, its settings.
+    Reads a ``.pkl`` weight file once, safely: weights plus, for a Montage export, its settings.
 
-    The file is read as ``DetectionCheckpointer`` reads a ``.pkl``: a dict with ``model`` and
-    ``__author__`` is Detectron2 format; anything else is taken for Caffe2 / Detectron1 blobs
-    (``_momentum`` entries dropped, ``matching_heuristics`` set).
+    The file is unpickled by :func:`load_weight_pickle` (no code runs) and then interpreted as
+    ``DetectionCheckpointer`` interprets a ``.pkl``: a dict with ``model`` and ``__author__`` is
+    Detectron2 format; anything else is taken for Caffe2 / Detectron1 blobs (``_momentum``
+    entries dropped, ``matching_heuristics`` set). Every weight must be a numeric numpy array.
 
     Args:
         path (str): a local ``.pkl`` file, e.g. ``MODEL.WEIGHTS``.
 
     Returns:
         ExportFile: ``settings`` is None unless the file is a Montage export.
+
+    Raises:
+        WeightFileError: not a weight file, or one that would run code (one line).
     """
     if not path.endswith(".pkl"):
         raise ValueError(f"{path}: read_export reads .pkl weight files (Detectron2 format)")
-    with open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")
+    data = load_weight_pickle(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not a dict of weights")
+        raise WeightFileError(
+            f"{path} holds a {type(data).__name__}, not a dict of weights. {_WEIGHTS_FIX}."
+        )
     if "model" in data and "__author__" in data:
         checkpoint = data
     else:  # same conversion as DetectionCheckpointer._load_file
         blobs = data.get("blobs", data)
+        if not isinstance(blobs, dict):
+            blobs = {"blobs": blobs}  # reported by _check_weights
         checkpoint = {
-            "model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
+            "model": {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")},
             "__author__": "Caffe2",
             "matching_heuristics": True,
         }
+    _check_weights(path, checkpoint["model"])
     settings = data.get("montage")
     return ExportFile(path, checkpoint, settings if isinstance(settings, dict) else None)
 
@@ -289,13 +422,37 @@ def _fmt(value):
     return str(list(value)) if isinstance(value, (list, tuple)) else repr(value)
 
 
+def _norm_family(norm):
+    """BN-family norms hand over to one another (FrozenBN included); others only to themselves."""
+    return "BN" if norm in BN_NORMS else (norm or "none")
+
+
+def _pyramid_mismatches(cfg, settings):
+    """(mismatch texts, keys off) of an FPN detector ``cfg`` against a pyramid export."""
+    mismatches, keys_off = [], []
+    for key in PYRAMID_SETTING_KEYS:
+        if key not in settings:
+            continue
+        want, have = settings[key], _cfg_get(cfg, key)
+        if key == "MODEL.FPN.NORM":
+            off = _norm_family(have) != _norm_family(want)
+        else:
+            off = not _same(have, want)
+        if off:
+            mismatches.append(f"{key} is {_fmt(have)} in the config but {_fmt(want)} in the "
+                              "export's pre-trained pyramid")
+            keys_off.append(key)
+    return mismatches, keys_off
+
+
 def check_export_settings(cfg, export):
     """
     Checks that a fine-tuning ``cfg`` matches the settings recorded in a Montage export.
 
     Files without settings (MSRA, torchvision conversions, full checkpoints) are not checked.
     Norms are compared by family: a BN/SyncBN pre-training hands over to BN/SyncBN/FrozenBN,
-    a GN one only to GN.
+    a GN one only to GN. A pyramid export given to an FPN detector must also match its
+    :data:`PYRAMID_SETTING_KEYS` (the FPN norm by family, as above).
 
     Args:
         cfg (CfgNode): the fine-tuning config.
@@ -347,6 +504,12 @@ def check_export_settings(cfg, export):
             f"MODEL.RESNETS.NORM is {have_norm!r} in the config but {want_norm!r} in the export"
         )
         keys_off.append("MODEL.RESNETS.NORM")
+    if "fpn" in str(cfg.MODEL.BACKBONE.NAME).lower():
+        # A pyramid export's fpn_* tensors fill the detector's FPN only at the same shape, norm
+        # and fusion; a C4 detector does not use them (backbone-only exports have no such keys).
+        more, off = _pyramid_mismatches(cfg, settings)
+        mismatches += more
+        keys_off += off
     if mismatches:
         overrides = settings_to_overrides(settings)
         fix = format_opts({k: overrides[k] for k in keys_off if k in overrides})

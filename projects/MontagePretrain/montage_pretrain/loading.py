@@ -7,12 +7,18 @@ or ResNet shape differs from the config) and returns the export it read.
 
 Detectron2 only warns about missing keys, and FrozenBN silently fills absent running statistics
 with 0/1. :func:`load_and_verify` turns that into an error: every backbone tensor of the
-detector (``backbone.*`` and, for C4, ``roi_heads.res5.*``; ``backbone.bottom_up.*`` for FPN)
-must come from the file. Given an :class:`~montage_pretrain.export_format.ExportFile` it loads
+detector (``backbone.*`` and, for C4, ``roi_heads.res5.*``; ``backbone.bottom_up.*`` for FPN, plus
+``backbone.fpn_*`` when the file carries a pre-trained pyramid) must come from the file. Given an :class:`~montage_pretrain.export_format.ExportFile` it loads
 from that in-memory copy instead of unpickling the file again.
+
+Detectron2 reads a ``.pkl`` with plain ``pickle.load``, which runs whatever code the file names;
+:class:`ExportCheckpointer` reads every ``.pkl`` with the restricted reader of
+:func:`~montage_pretrain.export_format.read_export` and every other file with
+``torch.load(weights_only=True)``.
 """
 import logging
 import os
+import re
 
 import numpy as np
 import torch
@@ -20,9 +26,21 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-from .export_format import ExportFile, check_export_settings, read_export
+from .export_format import (
+    PYRAMID_PREFIXES,
+    ExportFile,
+    WeightFileError,
+    check_export_settings,
+    read_export,
+)
 
-__all__ = ["read_checked_weights", "ExportCheckpointer", "backbone_keys", "load_and_verify"]
+__all__ = [
+    "read_checked_weights",
+    "torch_load_weights_only",
+    "ExportCheckpointer",
+    "backbone_keys",
+    "load_and_verify",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,34 +80,74 @@ def read_checked_weights(cfg):
     return export
 
 
+def _torch_load_reason(error):
+    """The one informative phrase of a torch.load error (its messages span many lines)."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it names {found.group(1)}; only a full unpickle builds that, and one can run code"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def torch_load_weights_only(path, fix):
+    """
+    ``torch.load(path, weights_only=True)`` on the CPU: tensors, containers and plain values
+    only, so nothing in the file runs.
+
+    Args:
+        path (str): a local ``.pth`` file.
+        fix (str): what the user should do instead, named in the error.
+
+    Raises:
+        WeightFileError: one line naming ``path``, why it is refused and ``fix``.
+    """
+    try:
+        # weights_only explicit: no torch default or environment variable turns it off here.
+        return torch.load(path, map_location=torch.device("cpu"), weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # refused globals, corrupt or non-torch files
+        raise WeightFileError(
+            f"{path} is not loadable with torch.load(weights_only=True): "
+            f"{_torch_load_reason(e)}. Fix: {fix}."
+        ) from e
+
+
 def _unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def backbone_keys(model):
+def backbone_keys(model, pyramid=False):
     """
     Returns the state-dict names of the detector's pre-trainable backbone.
 
     That is the bottom-up network: ``backbone.bottom_up.*`` under an FPN, else ``backbone.*``,
-    plus ``roi_heads.res5.*`` of a C4 model (its res5 stage lives in the ROI head).
+    plus ``roi_heads.res5.*`` of a C4 model (its res5 stage lives in the ROI head); with
+    ``pyramid``, an FPN's own layers too (``backbone.fpn_*``, ``backbone.top_block.*``).
     ``num_batches_tracked`` counters are left out.
     """
     model = _unwrap(model)
     names = list(model.state_dict().keys())
-    prefix = "backbone.bottom_up." if hasattr(model.backbone, "bottom_up") else "backbone."
-    keys = [k for k in names if k.startswith(prefix) or k.startswith("roi_heads.res5.")]
+    fpn = hasattr(model.backbone, "bottom_up")
+    prefixes = ("backbone.bottom_up." if fpn else "backbone.", "roi_heads.res5.")
+    if pyramid and fpn:
+        prefixes += tuple("backbone." + p for p in PYRAMID_PREFIXES)
+    keys = [k for k in names if k.startswith(prefixes)]
     return [k for k in keys if not k.endswith("num_batches_tracked")]
 
 
 class ExportCheckpointer(DetectionCheckpointer):
     """
-    A DetectionCheckpointer that reads an already-read export from memory and keeps the
-    name-aligned weights it loaded, for checking.
+    A DetectionCheckpointer that reads weight files without running code in them, reads an
+    already-read export from memory, and keeps the name-aligned weights it loaded, for checking.
 
     Args:
         model (nn.Module): as for :class:`DetectionCheckpointer`.
         export (ExportFile or None): loading ``export.path`` uses ``export.checkpoint`` instead
-            of unpickling the file; other paths are read as usual.
+            of reading the file again; other ``.pkl`` files are read by
+            :func:`~montage_pretrain.export_format.read_export`, ``.pth`` files by
+            ``torch.load(weights_only=True)``.
     """
 
     def __init__(self, model, save_dir="", *, export=None, **kwargs):
@@ -97,6 +155,7 @@ class ExportCheckpointer(DetectionCheckpointer):
         self.export = export
         self.aligned = None
         self.skipped_shapes = ()
+        self.file_keys = ()
 
     def _load_file(self, filename):
         export = self.export
@@ -105,9 +164,19 @@ class ExportCheckpointer(DetectionCheckpointer):
                              export.checkpoint.get("__author__"))
             # Loading replaces the "model" dict's entries: copy it, keep the export intact.
             return dict(export.checkpoint, model=dict(export.checkpoint["model"]))
+        if filename.endswith(".pkl"):
+            # DetectionCheckpointer would pickle.load it; read_export makes the same dict of it.
+            return read_export(filename).checkpoint
         return super()._load_file(filename)
 
+    def _torch_load(self, f):
+        return torch_load_weights_only(
+            f, "pass a .pkl export (python -m montage_pretrain.export) or a checkpoint of "
+               "tensors and plain values"
+        )
+
     def _load_model(self, checkpoint):
+        self.file_keys = tuple(checkpoint["model"])  # the file's own names, before alignment
         if checkpoint.get("matching_heuristics", False):
             # Same as DetectionCheckpointer._load_model, done here to keep the aligned dict.
             self._convert_ndarray_to_tensor(checkpoint["model"])
@@ -147,7 +216,10 @@ def load_and_verify(model, weights):
     A path is read by :class:`DetectionCheckpointer` (``matching_heuristics`` suffix matching
     for bare-named exports); an :class:`ExportFile` is loaded from memory. A backbone tensor
     counts as loaded when a file tensor was matched to it, had the right shape, and the model
-    now holds exactly that value. Heads, FPN and RPN staying random is expected.
+    now holds exactly that value. Heads and RPN staying random is expected; so is the FPN,
+    unless the file carries a pre-trained pyramid (``fpn_*`` tensors, e.g. a
+    ``MontageFPNClassifier`` export): then every ``backbone.fpn_*`` / ``backbone.top_block.*``
+    tensor of an FPN detector must come from the file too.
 
     Args:
         model (nn.Module): a Detectron2 detector (``backbone`` attribute), DDP-wrapped or not.
@@ -155,7 +227,8 @@ def load_and_verify(model, weights):
             export :func:`~montage_pretrain.export_format.read_export` already read.
 
     Returns:
-        dict: ``{"loaded": int, "total": int, "not_loaded": list[str], "unused": list[str]}``.
+        dict: ``{"loaded": int, "total": int, "not_loaded": list[str], "unused": list[str],
+        "pyramid": bool}`` (pyramid: the file's FPN tensors were required too).
 
     Raises:
         RuntimeError: some backbone tensor was not filled from the file.
@@ -167,7 +240,8 @@ def load_and_verify(model, weights):
     checkpointer.load(path, checkpointables=[])
     aligned = checkpointer.aligned or {}
     state = model.state_dict()
-    keys = backbone_keys(model)
+    pyramid = any(str(k).startswith("fpn_") for k in checkpointer.file_keys)
+    keys = backbone_keys(model, pyramid=pyramid)
     not_loaded = []
     for key in keys:
         src = aligned.get(key)
@@ -184,7 +258,8 @@ def load_and_verify(model, weights):
     model_keys = set(state)
     unused = sorted(k for k in aligned if k not in model_keys)
     loaded = len(keys) - len(not_loaded)
-    summary = {"loaded": loaded, "total": len(keys), "not_loaded": not_loaded, "unused": unused}
+    summary = {"loaded": loaded, "total": len(keys), "not_loaded": not_loaded, "unused": unused,
+               "pyramid": pyramid and any(k.startswith("backbone.fpn_") for k in keys)}
     logger.info(
         "loaded %d/%d backbone tensors from %s; not loaded: %s", loaded, len(keys), path,
         _describe(not_loaded) if not_loaded else "none",
@@ -199,7 +274,8 @@ def load_and_verify(model, weights):
             f"Only {loaded}/{len(keys)} backbone tensors were loaded from {path}; "
             f"not loaded: {_describe(not_loaded)}. The backbone would train from random init. "
             "Check that the "
-            "file is a backbone export for this depth/width (MODEL.RESNETS.*), that it has the "
-            "__author__ and matching_heuristics fields, and the weights-config overrides."
+            "file is a backbone export for this depth/width (MODEL.RESNETS.*; MODEL.FPN.* for a "
+            "pyramid export), that it has the __author__ and matching_heuristics fields, and the "
+            "weights-config overrides."
         )
     return summary

@@ -16,6 +16,7 @@ __all__ = [
     "global_loss",
     "single_loss",
     "blockwise_weights",
+    "level_mean",
 ]
 
 
@@ -132,3 +133,24 @@ def single_loss(logits, labels):
         Tensor: scalar.
     """
     return F.cross_entropy(logits.float().mean((2, 3)), labels.long().reshape(-1))
+
+
+def level_mean(level_losses, level_weights=None):
+    """
+    Mean of per-level losses of pyramid pre-training (each already averaged over its regions):
+    sum_l w_l L_l / sum_l w_l.
+
+    Args:
+        level_losses (list[Tensor]): one scalar per level.
+        level_weights (list[float] or None): non-negative, one per level, positive sum;
+            None or empty = equal weights.
+
+    Returns:
+        Tensor: scalar.
+    """
+    if not level_weights:
+        return torch.stack(level_losses).mean()
+    if len(level_weights) != len(level_losses):
+        raise ValueError(f"{len(level_weights)} level weights for {len(level_losses)} levels")
+    w = torch.as_tensor(level_weights, dtype=torch.float32, device=level_losses[0].device)
+    return (w * torch.stack(level_losses).float()).sum() / w.sum()
