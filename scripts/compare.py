@@ -176,6 +176,10 @@ def parse_args(argv=None):
     r.add_argument("--ft-min-size", type=int, default=None,
                    help="fine-tuning shorter side (INPUT.MIN_SIZE_*; MAX_SIZE scaled)")
     r.add_argument("--no-probes", action="store_true", help="skip the kNN / linear probes")
+    r.add_argument("--trained-only", action="store_true",
+                   help="train nothing: evaluate (and probe) on --eval-split only what earlier "
+                        "runs trained and whose files are still there; e.g. the test split while "
+                        "the valid comparison is still running")
     r.add_argument("--frozen", action="store_true",
                    help="add a fine-tuning with the backbone frozen per arm and seed")
     r.add_argument("--table3", nargs="?", const="erf", default=None, metavar="ARM",
@@ -344,6 +348,7 @@ def make_plans(args, out):
             input_size=args.input_size or size["input_size"],
             ft_min_size=args.ft_min_size or defaults["ft_min_size"],
             probes=not args.no_probes, probe_max_boxes=size["probe_max_boxes"],
+            trained_only=args.trained_only,
             frozen=args.frozen, table3=args.table3,
             threads=args.threads, workers=args.workers, bank_workers=args.bank_workers))
     return plans
@@ -518,6 +523,10 @@ def scratch_long_iters(finetune_iters, pretrain_cpu_s, finetune_cpu_s):
     return round(finetune_iters * (pretrain_cpu_s + finetune_cpu_s) / finetune_cpu_s)
 
 
+class NotTrained(Exception):
+    """--trained-only: a step that would have to train first."""
+
+
 class Comparison:
     """The steps of one dataset's comparison; ``save(key, record)`` stores each step's record."""
 
@@ -580,6 +589,8 @@ class Comparison:
         rec = self.done(arm, seed, "pretrain", sid)
         if rec and os.path.isfile(rec["export"]):
             return rec
+        if self.p["trained_only"]:
+            raise NotTrained(self.key(arm, seed, "pretrain", sid))
         d = self.run_dir(arm, seed, "pretrain", sid)
         cmd = [self.py, f"{PROJECT}/train_net.py", "--config-file", settings["config"],
                "MONTAGE.BANK", self.bank(), "MONTAGE.LOSS", settings["loss"],
@@ -642,6 +653,8 @@ class Comparison:
                 return rec
             if os.path.isfile(rec["model"]):
                 return self._evaluate(rec, arm, seed, step, sid)
+        if self.p["trained_only"]:
+            raise NotTrained(self.key(arm, seed, step, sid))
         d = self.run_dir(arm, seed, step, sid)
         warmup, steps = schedule(iters)
         cmd = self._ft_cmd(settings, d, weights) + [
@@ -696,21 +709,28 @@ class Comparison:
     # -- one seed ------------------------------------------------------------------------------
     def seed(self, seed):
         for arm in self.p["arms"]:
-            spec, pre, weights = arm_spec(arm), None, ""
-            if pretrain_arm(arm):
-                pre = self.pretrain(arm, seed)
-                weights = pre["export"]
-            if self.p["probes"] and spec["probe"]:
-                self.probe(arm, seed, weights)
-            ft = self.finetune(arm, seed, "finetune", weights, pre)
-            if self.p["frozen"] and spec["frozen"]:
-                self.finetune(arm, seed, "frozen", weights, pre)
-            if arm == self.p["table3"]:
-                n = scratch_long_iters(self.p["finetune_iters"], ft["pretrain_cpu_s"],
-                                       ft["cpu_s"])
-                self.finetune("scratch_long", seed, "finetune", iters=n, matched=dict(
-                    arm=arm, pretrain_cpu_s=ft["pretrain_cpu_s"], finetune_cpu_s=ft["cpu_s"],
-                    finetune_iters=self.p["finetune_iters"]))
+            try:
+                self._arm(arm, seed)
+            except NotTrained as e:
+                print(f"--trained-only: skipped {e} and what follows it for {arm}", flush=True)
+
+    def _arm(self, arm, seed):
+        """The steps of one arm and seed: pre-training, probe, fine-tunings, scratch_long."""
+        spec, pre, weights = arm_spec(arm), None, ""
+        if pretrain_arm(arm):
+            pre = self.pretrain(arm, seed)
+            weights = pre["export"]
+        if self.p["probes"] and spec["probe"]:
+            self.probe(arm, seed, weights)
+        ft = self.finetune(arm, seed, "finetune", weights, pre)
+        if self.p["frozen"] and spec["frozen"]:
+            self.finetune(arm, seed, "frozen", weights, pre)
+        if arm == self.p["table3"]:
+            n = scratch_long_iters(self.p["finetune_iters"], ft["pretrain_cpu_s"],
+                                   ft["cpu_s"])
+            self.finetune("scratch_long", seed, "finetune", iters=n, matched=dict(
+                arm=arm, pretrain_cpu_s=ft["pretrain_cpu_s"], finetune_cpu_s=ft["cpu_s"],
+                finetune_iters=self.p["finetune_iters"]))
 
     def view(self):
         """What :func:`report` needs to select this comparison's records."""

@@ -392,3 +392,35 @@ def test_erf_fpn_arm_pretrains_the_pyramid_and_pairs_with_erf(compare, tmp_path,
     rows = [cells(line) for line in text.splitlines() if line.startswith("| erf_fpn")]
     assert rows and rows[0][1] == "2"  # the detection table has the arm over both seeds
     assert compare.arm_spec("erf_fpn")["ref"] == "scratch_bn"
+
+
+def test_trained_only_evaluates_what_exists_and_trains_nothing(compare, tmp_path, monkeypatch,
+                                                               capsys):
+    """--trained-only on another split: eval-only runs and probes for the trained seed; the
+    untrained seed is skipped, nothing is pre-trained or fine-tuned."""
+    fake = FakeSteps(compare.EXPORT_NAME)
+    monkeypatch.setattr(compare, "run", fake)
+    monkeypatch.setattr(compare, "probe_script_found", lambda: True)
+    data = tmp_path / "data" / "mine"
+    for n, split in enumerate(("train", "valid", "test")):  # different files, different keys
+        _coco(data / split / "_annotations.coco.json", n_images=2 + n)
+    out = tmp_path / "out"
+
+    def main(split, seeds, *extra):
+        return compare.main([
+            "--out", str(out), "--quick", "1", "--arms", "scratch,erf", "--seeds", seeds,
+            "--train-json", str(data / "train/_annotations.coco.json"),
+            "--train-images", str(data / "train"),
+            "--val-json", str(data / f"{split}/_annotations.coco.json"),
+            "--val-images", str(data / split), "--frozen", *extra])
+
+    main("valid", "0")
+    fake.calls.clear()
+    main("test", "0,1", "--trained-only")
+    scripts = [c[0] for c in fake.calls]
+    assert "train_net.py" not in scripts and "builder" not in scripts
+    assert all(c[2] for c in fake.calls if c[0] == "finetune_net.py")  # --eval-only only
+    # seed 0: 2 arms x (fine-tuning + frozen) evaluated, 2 probes; seed 1: only scratch's probe
+    # (random init: nothing to train)
+    assert scripts.count("finetune_net.py") == 4 and scripts.count("probe.py") == 3
+    assert "skipped" in capsys.readouterr().out
