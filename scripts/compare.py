@@ -473,16 +473,31 @@ def resolved_config_sha1(config_yaml):
 # ---------------------------------------------------------------------------------------------
 # Running steps
 # ---------------------------------------------------------------------------------------------
+class StepFailed(SystemExit):
+    """A step's command exited non-zero; ``diverged``: Detectron2 stopped a non-finite training
+    ("Training has diverged" / non-finite loss), a result to record rather than a crash."""
+
+    def __init__(self, cmd, returncode, log_path, wall, cpu):
+        super().__init__(f"failed ({returncode}): {' '.join(cmd)}\n  see {log_path}")
+        self.log_path, self.wall, self.cpu = log_path, wall, cpu
+        with open(log_path, errors="replace") as f:
+            tail = f.read()[-20000:]
+        self.diverged = "Training has diverged" in tail or "Loss became infinite or NaN" in tail
+        iters = re.findall(r"iter: (\d+)", tail)
+        self.last_iter = int(iters[-1]) if iters else None
+
+
 def run(cmd, log_path, env=None):
-    """Runs ``cmd`` with its output in ``log_path``; returns (wall s, CPU s of it and its children)."""
+    """Runs ``cmd`` with its output in ``log_path``; returns (wall s, CPU s of it and its children).
+    Raises :class:`StepFailed` if it fails."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n  see {log_path}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode:
+        raise StepFailed(cmd, proc.returncode, log_path, time.time() - start, cpu)
     return time.time() - start, cpu
 
 
@@ -521,6 +536,10 @@ def scratch_long_iters(finetune_iters, pretrain_cpu_s, finetune_cpu_s):
     """Iterations of the scratch_long arm: the same total CPU time as pre-training + fine-tuning
     of the Montage arm, at the Montage arm's CPU-s per fine-tuning iteration."""
     return round(finetune_iters * (pretrain_cpu_s + finetune_cpu_s) / finetune_cpu_s)
+
+
+# What a diverged fine-tuning scores: no detector, so AP 0 (see Comparison.finetune).
+DIVERGED_METRICS = dict(AP=0.0, AP50=0.0, AP75=0.0, APs=None, APm=None, APl=None, diverged=True)
 
 
 class NotTrained(Exception):
@@ -651,6 +670,8 @@ class Comparison:
         if rec and rec["iters"] == iters:
             if self.val_key in rec["metrics"]:
                 return rec
+            if rec.get("diverged"):  # no detector: AP 0 on every split
+                return self._record_diverged(rec, arm, seed, step, sid)
             if os.path.isfile(rec["model"]):
                 return self._evaluate(rec, arm, seed, step, sid)
         if self.p["trained_only"]:
@@ -662,17 +683,32 @@ class Comparison:
             "SOLVER.WARMUP_ITERS", str(warmup), "SEED", str(seed)]
         if step == "frozen":
             cmd += ["MODEL.BACKBONE.FREEZE_AT", "5"]
-        wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
-        metrics = {self.val_key: dict(self._split_info(), **self._bbox(d))}
+        diverged = None
+        try:
+            wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
+            metrics = {self.val_key: dict(self._split_info(), **self._bbox(d))}
+        except StepFailed as e:
+            if not e.diverged:
+                raise
+            # Detectron2 stopped a non-finite training: the user gets no detector. Recorded as
+            # AP 0 (kept in means and paired differences, flagged in the tables), not dropped,
+            # which would flatter the arm; the command and log say where it stopped.
+            wall, cpu, diverged = e.wall, e.cpu, e.last_iter
+            metrics = {self.val_key: dict(self._split_info(), **DIVERGED_METRICS)}
         rec = self._record(
             arm, seed, step, sid, settings, cmd, wall, cpu, d, iters=iters, warmup=warmup,
             lr_steps=steps, weights=weights, model=os.path.join(d, "model_final.pth"),
             pretrain_cpu_s=pre_rec["cpu_s"] if pre_rec else 0.0,
             pretrain_key=self.key(pre_rec["arm"], seed, "pretrain", pre_rec["sid"])
             if pre_rec else None,
-            matched_to=matched, metrics=metrics,
+            matched_to=matched, metrics=metrics, diverged=diverged is not None,
+            diverged_after_iter=diverged,
             config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")))
         m = metrics[self.val_key]
+        if diverged is not None:
+            print(f"{self.key(arm, seed, step, sid)}: DIVERGED after iteration {diverged} "
+                  f"(recorded as AP 0; {os.path.join(d, 'stdout.log')})", flush=True)
+            return rec
         print(f"{self.key(arm, seed, step, sid)}: AP {_num(m['AP'])} AP50 {_num(m['AP50'])} "
               f"({iters} it, pre-train {rec['pretrain_cpu_s']:.0f} CPU-s, "
               f"fine-tune {cpu:.0f} CPU-s)", flush=True)
@@ -692,6 +728,13 @@ class Comparison:
         with open(os.path.join(run_dir, "metrics_final.json")) as f:
             bbox = json.load(f)["bbox"]
         return {k: bbox.get(k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+
+    def _record_diverged(self, rec, arm, seed, step, sid):
+        """A diverged detector on another split: AP 0 there too, nothing to run."""
+        rec = dict(rec, metrics=dict(rec["metrics"]))
+        rec["metrics"][self.val_key] = dict(self._split_info(), **DIVERGED_METRICS)
+        self.save(self.key(arm, seed, step, sid), rec)
+        return rec
 
     def _evaluate(self, rec, arm, seed, step, sid):
         d = os.path.join(rec["run_dir"], f"eval-{self.val_key}")
@@ -725,7 +768,10 @@ class Comparison:
         ft = self.finetune(arm, seed, "finetune", weights, pre)
         if self.p["frozen"] and spec["frozen"]:
             self.finetune(arm, seed, "frozen", weights, pre)
-        if arm == self.p["table3"]:
+        if arm == self.p["table3"] and ft.get("diverged"):
+            print(f"{self.key(arm, seed, 'finetune', ft['sid'])} diverged: no total CPU time to "
+                  "match, scratch_long skipped for this seed", flush=True)
+        elif arm == self.p["table3"]:
             n = scratch_long_iters(self.p["finetune_iters"], ft["pretrain_cpu_s"],
                                    ft["cpu_s"])
             self.finetune("scratch_long", seed, "finetune", iters=n, matched=dict(
@@ -799,9 +845,11 @@ def collect(results, view):
         row = values[arm][rec["seed"]]
         if step == "finetune":
             row.update(AP=m["AP"], AP50=m["AP50"], AP75=m["AP75"], iters=rec["iters"],
-                       pretrain_cpu_s=rec["pretrain_cpu_s"], finetune_cpu_s=rec["cpu_s"])
+                       pretrain_cpu_s=rec["pretrain_cpu_s"], finetune_cpu_s=rec["cpu_s"],
+                       diverged=bool(m.get("diverged")))
         elif step == "frozen":
-            row.update(frozen_AP=m["AP"], frozen_AP50=m["AP50"])
+            row.update(frozen_AP=m["AP"], frozen_AP50=m["AP50"],
+                       frozen_diverged=bool(m.get("diverged")))
         elif step == "probe":
             for stage in ("res4", "res5"):
                 for probe in ("knn", "linear"):
@@ -861,6 +909,11 @@ def _cost_cells(runs):
             f"{ft:.0f}", f"{pre + ft:.0f}"]
 
 
+def _diverged_flag(metric):
+    """The flag of a detection metric's run that diverged: ``diverged`` / ``frozen_diverged``."""
+    return "frozen_diverged" if metric.startswith("frozen_") else "diverged"
+
+
 def tables(values):
     """
     (headers, rows) of the three tables of :func:`collect`'s values: detection (mean ± std and
@@ -884,7 +937,10 @@ def tables(values):
             row = [arm, n]
             for key, _, _ in metrics:
                 got = [seeds[s][key] for s in seeds if seeds[s].get(key) is not None]
-                row += [_fmt(got) + (f" (n={len(got)})" if got and len(got) < n else ""),
+                flag = _diverged_flag(key)
+                div = sum(bool(seeds[s].get(flag)) for s in seeds)
+                row += [_fmt(got) + (f" (n={len(got)})" if got and len(got) < n else "")
+                        + (f" ({div} diverged: AP 0)" if div else ""),
                         "—" if arm == "scratch" else _fmt_paired(paired(values, arm, key))]
             rows.append(row + (_cost_cells(seeds.values()) if with_costs else []))
         return head + (costs if with_costs else []), rows
@@ -899,7 +955,8 @@ def tables(values):
             row = [arm, seed]
             for key, _, _ in present:
                 p = None if arm == "scratch" else paired(values, arm, key)
-                row += [_num(values[arm][seed].get(key)),
+                div = values[arm][seed].get(_diverged_flag(key))
+                row += [_num(values[arm][seed].get(key)) + (" (diverged)" if div else ""),
                         "—" if arm == "scratch" else _num(p and p["per_seed"].get(seed), True)]
             per_rows.append(row + _cost_cells([values[arm][seed]]))
     return det, summary(probe, False) if probe else None, (per_head, per_rows)

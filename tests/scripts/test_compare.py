@@ -424,3 +424,76 @@ def test_trained_only_evaluates_what_exists_and_trains_nothing(compare, tmp_path
     # (random init: nothing to train)
     assert scripts.count("finetune_net.py") == 4 and scripts.count("probe.py") == 3
     assert "skipped" in capsys.readouterr().out
+
+
+def test_diverged_fine_tuning_is_recorded_as_ap_zero_and_the_comparison_goes_on(
+        compare, tmp_path, monkeypatch, capsys):
+    """A fine-tuning that Detectron2 stops as diverged is a result (AP 0, flagged, in the paired
+    differences), not a crash; scratch_long is skipped for that seed; another split needs no
+    run; a failure of any other kind still stops the comparison."""
+    class Diverging(FakeSteps):
+        def __call__(self, cmd, log_path, env=None):
+            opts = dict(zip(cmd, cmd[1:]))
+            if cmd[1].endswith("finetune_net.py") and opts["MODEL.WEIGHTS"].endswith(
+                    self.export_name) and opts.get("SEED") == "1" and "--eval-only" not in cmd:
+                self.calls.append(("finetune_net.py", "diverged", False))
+                with open(log_path, "w") as f:
+                    f.write("iter: 39  total_loss: 0.97\niter: 49  total_loss: 2.2\n"
+                            "FloatingPointError: Predicted boxes or scores contain Inf/NaN. "
+                            "Training has diverged.\n")
+                raise compare.StepFailed(cmd, 1, log_path, 2.0, 50.0)
+            return super().__call__(cmd, log_path, env)
+
+    fake = Diverging(compare.EXPORT_NAME)
+    monkeypatch.setattr(compare, "run", fake)
+    monkeypatch.setattr(compare, "probe_script_found", lambda: True)
+    data = tmp_path / "data" / "mine"
+    for n, split in enumerate(("train", "valid", "test")):
+        _coco(data / split / "_annotations.coco.json", n_images=2 + n)
+    out = tmp_path / "out"
+
+    def main(split):
+        return compare.main([
+            "--out", str(out), "--quick", "1", "--arms", "scratch,erf", "--seeds", "0,1",
+            "--no-probes", "--train-json", str(data / "train/_annotations.coco.json"),
+            "--train-images", str(data / "train"),
+            "--val-json", str(data / f"{split}/_annotations.coco.json"),
+            "--val-images", str(data / split), "--table3"])
+
+    main("valid")
+    text = capsys.readouterr().out
+    assert "DIVERGED after iteration 49" in text and "scratch_long skipped" in text
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    bad = next(r for r in results.values()
+               if r["arm"] == "erf" and r["seed"] == 1 and r["step"] == "finetune")
+    assert bad["diverged"] and bad["diverged_after_iter"] == 49
+    assert next(iter(bad["metrics"].values()))["AP"] == 0.0
+    assert not any(r["arm"] == "scratch_long" and r["seed"] == 1 for r in results.values())
+    det = cells(next(line for line in text.splitlines() if line.startswith("| erf ")))
+    # erf AP: seed 0 = 3 + 0 + 12/1000, seed 1 diverged = 0 -> mean 1.506; scratch 1.012, 1.512
+    assert det[2] == "1.51 ± 2.13 (1 diverged: AP 0)"
+    assert det[3] == "+0.24 [-1.51, +2.00]"  # +2.00 (seed 0), -1.51 (seed 1)
+
+    fake.calls.clear()
+    main("test")  # the diverged detector needs no evaluation run
+    assert ("finetune_net.py", "diverged", False) not in fake.calls
+    with open(out / "results.json") as f:
+        bad = next(r for r in json.load(f).values()
+                   if r["arm"] == "erf" and r["seed"] == 1 and r["step"] == "finetune")
+    assert len(bad["metrics"]) == 2 and all(m["AP"] == 0.0 for m in bad["metrics"].values())
+
+    class Broken(FakeSteps):
+        def __call__(self, cmd, log_path, env=None):
+            with open(log_path, "w") as f:
+                f.write("Traceback ...\nKeyError: 'x'\n")
+            raise compare.StepFailed(cmd, 1, log_path, 1.0, 1.0)
+
+    monkeypatch.setattr(compare, "run", Broken(compare.EXPORT_NAME))
+    with pytest.raises(SystemExit, match="failed"):
+        compare.main(["--out", str(tmp_path / "out2"), "--quick", "1", "--arms", "scratch",
+                      "--seeds", "0", "--no-probes",
+                      "--train-json", str(data / "train/_annotations.coco.json"),
+                      "--train-images", str(data / "train"),
+                      "--val-json", str(data / "valid/_annotations.coco.json"),
+                      "--val-images", str(data / "valid")])
