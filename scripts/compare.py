@@ -900,7 +900,8 @@ def _fmt_paired(p):
 
 def _cost_cells(runs):
     """fine-tune iterations, mean pre-train / fine-tune / total CPU-s of fine-tuning rows."""
-    runs = [r for r in runs if r.get("finetune_cpu_s") is not None]
+    # a diverged run stopped early: its CPU time is not the cost of a fine-tuning
+    runs = [r for r in runs if r.get("finetune_cpu_s") is not None and not r.get("diverged")]
     if not runs:
         return ["n/a"] * 4
     pre = statistics.mean(r["pretrain_cpu_s"] for r in runs)
@@ -910,8 +911,11 @@ def _cost_cells(runs):
 
 
 def _diverged_flag(metric):
-    """The flag of a detection metric's run that diverged: ``diverged`` / ``frozen_diverged``."""
-    return "frozen_diverged" if metric.startswith("frozen_") else "diverged"
+    """The flag of a detection metric's run that diverged: ``diverged`` / ``frozen_diverged``;
+    None for the probes (no fine-tuning)."""
+    if metric.startswith("frozen_"):
+        return "frozen_diverged"
+    return "diverged" if metric.startswith("AP") else None
 
 
 def tables(values):

@@ -497,3 +497,12 @@ def test_diverged_fine_tuning_is_recorded_as_ap_zero_and_the_comparison_goes_on(
                       "--train-images", str(data / "train"),
                       "--val-json", str(data / "valid/_annotations.coco.json"),
                       "--val-images", str(data / "valid")])
+
+
+def test_diverged_flags_only_mark_detection_metrics(compare):
+    assert compare._diverged_flag("AP50") == "diverged"
+    assert compare._diverged_flag("frozen_AP") == "frozen_diverged"
+    assert compare._diverged_flag("res5_linear") is None  # probes do not fine-tune
+    runs = [dict(iters=200, pretrain_cpu_s=100.0, finetune_cpu_s=600.0),
+            dict(iters=200, pretrain_cpu_s=100.0, finetune_cpu_s=150.0, diverged=True)]
+    assert compare._cost_cells(runs) == ["200", "100", "600", "700"]  # the stopped run left out
