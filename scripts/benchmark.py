@@ -517,15 +517,23 @@ def erf_vs_global(b, amp):
     batch = next(iter(build_montage_train_loader(cfgs["erf"])))
     models = {k: build_train(c) for k, c in cfgs.items()}
     models["global"][0].load_state_dict(models["erf"][0].state_dict())
+    times = interleaved_step_times(b, models, batch, amp)
+    with bf16(amp):
+        asm = b.time(lambda: models["erf"][0].make_images(batch))["median_s"]
+    return statistics.median(times["erf"]), statistics.median(times["global"]), asm
+
+
+def interleaved_step_times(b, models, batch, amp):
+    """{name: [median s of each window]} of training steps of ``models`` ({name: (model,
+    optimizer)}) on one ``batch``, the models taking turns window by window so that machine
+    drift (other jobs, clocks) hits them alike."""
     times = {k: [] for k in models}
     with EventStorage(0):
         for i in range(b.size["windows"]):
             for k, (model, opt) in models.items():
                 step = partial(train_step, model, opt, batch, amp)
                 times[k].append(b.time(step, warmup=int(i == 0), windows=1)["median_s"])
-    with bf16(amp):
-        asm = b.time(lambda: models["erf"][0].make_images(batch))["median_s"]
-    return statistics.median(times["erf"]), statistics.median(times["global"]), asm
+    return times
 
 
 def task_step(b):
@@ -586,12 +594,7 @@ def task_pyramid(b):
                              "steps at the same canvas and batch")
     batch = next(iter(build_montage_train_loader(cfgs["backbone"])))
     models = {k: build_train(cfgs[k]) for k in ("backbone", "pyramid")}
-    times = {k: [] for k in models}
-    with EventStorage(0):
-        for i in range(b.size["windows"]):
-            for k, (model, opt) in models.items():
-                step = partial(train_step, model, opt, batch, amp)
-                times[k].append(b.time(step, warmup=int(i == 0), windows=1)["median_s"])
+    times = interleaved_step_times(b, models, batch, amp)
     med = {k: statistics.median(v) for k, v in times.items()}
     n_erf = cfgs["pyramid"].MONTAGE.ERF_NUM_IMAGES
     passes = {k: erf_passes(models[k][0], n_erf) for k in models}

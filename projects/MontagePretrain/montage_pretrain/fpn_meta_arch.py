@@ -16,11 +16,9 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.backbone import FPN
 from detectron2.utils.events import get_event_storage
 
-from builder.bank import SampleBank
 from .erf import compute_erf_region_mass, erf_weights_from_mass, pack_levels
 from .losses import blockwise_loss, blockwise_weights, erf_dense_loss, level_mean
 from .meta_arch import MontageClassifier
-from .montage import MontageTemplate
 
 __all__ = ["MontageFPNClassifier", "FPN_LOSSES", "weighted_levels"]
 
@@ -225,24 +223,12 @@ class MontageFPNClassifier(MontageClassifier):
                 "MontageFPNClassifier pre-trains a pyramid; use build_resnet_fpn_backbone (or "
                 "another FPN builder) with the detector's MODEL.FPN.*"
             )
-        num_classes = cfg.MONTAGE.NUM_CLASSES or SampleBank(cfg.MONTAGE.BANK).num_classes
         return {
             "backbone": backbone,
-            "num_classes": num_classes,
-            "template": MontageTemplate.from_config(cfg),
+            **cls.shared_config(cfg),
             "levels": cfg.MONTAGE.FPN.LEVELS,
             "level_weights": cfg.MONTAGE.FPN.LEVEL_WEIGHTS,
             "shared_head": cfg.MONTAGE.FPN.SHARED_HEAD,
-            "loss": cfg.MONTAGE.LOSS,
-            "tau": cfg.MONTAGE.TAU,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "flip": cfg.MONTAGE.AUG.FLIP,
-            "scale_jitter": cfg.MONTAGE.AUG.SCALE_JITTER,
-            "color_jitter": cfg.MONTAGE.AUG.COLOR_JITTER,
-            "erf_chunk": cfg.MONTAGE.ERF_CHUNK,
-            "channels_last": cfg.MONTAGE.CHANNELS_LAST,
-            "erf_calibrate_bn": cfg.MONTAGE.ERF_CALIBRATE_BN,
             "erf_level_budget": cfg.MONTAGE.FPN.ERF_LEVEL_BUDGET,
         }
 

@@ -114,10 +114,19 @@ class MontageClassifier(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        num_classes = cfg.MONTAGE.NUM_CLASSES or SampleBank(cfg.MONTAGE.BANK).num_classes
         return {
             "backbone": build_backbone(cfg),
-            "num_classes": num_classes,
+            **cls.shared_config(cfg),
+            "single_area": cfg.MONTAGE.AUG.SINGLE_AREA,
+            "single_ratio": cfg.MONTAGE.AUG.SINGLE_RATIO,
+        }
+
+    @staticmethod
+    def shared_config(cfg):
+        """The constructor arguments every Montage pre-training model reads the same way (the
+        pyramid model too): classes, template, objective, pixel format, augmentation, ERF."""
+        return {
+            "num_classes": cfg.MONTAGE.NUM_CLASSES or SampleBank(cfg.MONTAGE.BANK).num_classes,
             "template": MontageTemplate.from_config(cfg),
             "loss": cfg.MONTAGE.LOSS,
             "tau": cfg.MONTAGE.TAU,
@@ -128,8 +137,6 @@ class MontageClassifier(nn.Module):
             "color_jitter": cfg.MONTAGE.AUG.COLOR_JITTER,
             "erf_chunk": cfg.MONTAGE.ERF_CHUNK,
             "channels_last": cfg.MONTAGE.CHANNELS_LAST,
-            "single_area": cfg.MONTAGE.AUG.SINGLE_AREA,
-            "single_ratio": cfg.MONTAGE.AUG.SINGLE_RATIO,
             "erf_calibrate_bn": cfg.MONTAGE.ERF_CALIBRATE_BN,
         }
 
