@@ -249,14 +249,21 @@ class FakeSteps:
         return 1.0, 100.0 if script.endswith("train_net.py") else 200.0
 
 
-def test_finished_runs_are_skipped_and_only_what_changed_reruns(compare, tmp_path,
-                                                                monkeypatch, capsys):
-    fake = FakeSteps(compare.EXPORT_NAME)
+def mocked_steps(compare, monkeypatch, tmp_path, fake, splits):
+    """Routes compare's steps to ``fake`` and writes a tiny COCO set per split under
+    ``tmp_path/data/mine`` (different sizes, so every split's json has its own sha1)."""
     monkeypatch.setattr(compare, "run", fake)
     monkeypatch.setattr(compare, "probe_script_found", lambda: True)
     data = tmp_path / "data" / "mine"
-    for n, split in enumerate(("train", "valid", "test")):
+    for n, split in enumerate(splits):
         _coco(data / split / "_annotations.coco.json", n_images=2 + n)
+    return data
+
+
+def test_finished_runs_are_skipped_and_only_what_changed_reruns(compare, tmp_path,
+                                                                monkeypatch, capsys):
+    fake = FakeSteps(compare.EXPORT_NAME)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid", "test"))
     out = tmp_path / "out"
 
     def main(split="valid", *extra):
@@ -307,11 +314,7 @@ def test_handoff_arms_share_pretraining_and_pair_with_their_norm(compare, tmp_pa
     with FrozenBN + FREEZE_AT 2 (no second pre-training), erf_gn pre-trains and fine-tunes with the
     GN configs, and the hand-off table pairs each arm with the scratch detector of its norm."""
     fake = FakeSteps(compare.EXPORT_NAME)
-    monkeypatch.setattr(compare, "run", fake)
-    monkeypatch.setattr(compare, "probe_script_found", lambda: True)
-    data = tmp_path / "data" / "mine"
-    for split in ("train", "valid"):
-        _coco(data / split / "_annotations.coco.json")
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
     out = tmp_path / "out"
     compare.main([
         "--out", str(out), "--quick", "1", "--seeds", "0,1",
@@ -354,11 +357,7 @@ def test_erf_fpn_arm_pretrains_the_pyramid_and_pairs_with_erf(compare, tmp_path,
     """erf_fpn (backbone + pyramid pre-training): its own pre-training with the FPN demo config and
     the ERF loss, erf's detector config, its own probe, and the paired erf_fpn − erf line."""
     fake = FakeSteps(compare.EXPORT_NAME)
-    monkeypatch.setattr(compare, "run", fake)
-    monkeypatch.setattr(compare, "probe_script_found", lambda: True)
-    data = tmp_path / "data" / "mine"
-    for split in ("train", "valid"):
-        _coco(data / split / "_annotations.coco.json")
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
     out = tmp_path / "out"
     compare.main([
         "--out", str(out), "--quick", "1", "--seeds", "0,1", "--frozen",
@@ -399,11 +398,7 @@ def test_trained_only_evaluates_what_exists_and_trains_nothing(compare, tmp_path
     """--trained-only on another split: eval-only runs and probes for the trained seed; the
     untrained seed is skipped, nothing is pre-trained or fine-tuned."""
     fake = FakeSteps(compare.EXPORT_NAME)
-    monkeypatch.setattr(compare, "run", fake)
-    monkeypatch.setattr(compare, "probe_script_found", lambda: True)
-    data = tmp_path / "data" / "mine"
-    for n, split in enumerate(("train", "valid", "test")):  # different files, different keys
-        _coco(data / split / "_annotations.coco.json", n_images=2 + n)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid", "test"))
     out = tmp_path / "out"
 
     def main(split, seeds, *extra):
@@ -445,11 +440,7 @@ def test_diverged_fine_tuning_is_recorded_as_ap_zero_and_the_comparison_goes_on(
             return super().__call__(cmd, log_path, env)
 
     fake = Diverging(compare.EXPORT_NAME)
-    monkeypatch.setattr(compare, "run", fake)
-    monkeypatch.setattr(compare, "probe_script_found", lambda: True)
-    data = tmp_path / "data" / "mine"
-    for n, split in enumerate(("train", "valid", "test")):
-        _coco(data / split / "_annotations.coco.json", n_images=2 + n)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid", "test"))
     out = tmp_path / "out"
 
     def main(split):
