@@ -26,6 +26,7 @@ WEIGHTS     ?= $(OUT)/pretrain/montage_backbone.pkl# exported backbone (name: MO
 FINETUNE_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml
 FINETUNE_SCRATCH_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml
 FINETUNE_OPTS   ?=
+DEMO_THREADS?= 1#                                   make demo: threads per fine-tuning (pinned: reruns here are bitwise equal)
 QUICK       ?= 0#                                   1 = smoke-sized make compare / bench
 # --- make compare: DATASET, or a dataset by path when TRAIN_JSON/TRAIN_IMAGES/VAL_JSON/VAL_IMAGES
 # (or DATA_ROOT) are given on the command line; empty = the default of scripts/compare.py ----------
@@ -83,9 +84,14 @@ demo: setup ## toy data -> samples -> pretrain -> finetune (Montage and scratch)
 	@test -f $(TRAIN_JSON) || $(MAKE) --no-print-directory toy
 	$(MAKE) --no-print-directory samples
 	$(MAKE) --no-print-directory pretrain
-	$(MAKE) --no-print-directory finetune
+	@echo "fine-tuning Montage and scratch side by side, $(DEMO_THREADS) thread(s) each;" \
+	    "logs: $(OUT)/finetune.log, $(OUT)/scratch.log"
+	@mkdir -p $(OUT)/scratch; export OMP_NUM_THREADS=$(DEMO_THREADS) MKL_NUM_THREADS=$(DEMO_THREADS); \
+	$(MAKE) --no-print-directory finetune > $(OUT)/finetune.log 2>&1 & m=$$!; \
 	$(MAKE) --no-print-directory finetune WEIGHTS= OUT=$(OUT)/scratch \
-	    FINETUNE_CONFIG=$(FINETUNE_SCRATCH_CONFIG)
+	    FINETUNE_CONFIG=$(FINETUNE_SCRATCH_CONFIG) > $(OUT)/scratch.log 2>&1 & s=$$!; \
+	rc=0; wait $$m || { rc=1; tail -n 5 $(OUT)/finetune.log; }; \
+	wait $$s || { rc=1; tail -n 5 $(OUT)/scratch.log; }; exit $$rc
 	$(PY) scripts/report.py "Montage R-18=$(OUT)/finetune" "scratch R-18=$(OUT)/scratch/finetune"
 
 bench: setup ## CPU benchmarks: builder vs decode floor, host data path, step (ERF vs global), loader
