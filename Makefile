@@ -42,6 +42,7 @@ FT_MIN_SIZE ?=#                                     compare: fine-tuning shorter
 FROZEN      ?= 0#                                   compare: 1 = also fine-tune with the backbone frozen (FREEZE_AT 5)
 PROBES      ?= 1#                                   compare: 0 = skip the kNN / linear probes (scripts/probe.py)
 SCRATCH_LONG?= 0#                                   compare: 1 (= erf) or an arm: add scratch_long, fine-tuned for that arm's total CPU time (Table 3)
+CLIP_GRAD   ?=#                                     compare: gradient-norm clip of every fine-tuning (default 5.0, the toy configs'; 0 = off)
 COMPARE_THREADS ?= 1#                               compare: OMP/MKL/torch threads of every step (pinned, recorded)
 COMPARE_WORKERS ?= 1#                               compare: DATALOADER.NUM_WORKERS, 0 or 1 (pinned, recorded)
 COMPARE_OUT ?= output/compare#                      compare: results.json, table.md, charts, runs; shareable by processes
@@ -110,7 +111,7 @@ compare: setup ## will Montage help on this data? arms vs scratch over SEEDS: pa
 	    --quick $(QUICK) --out $(COMPARE_OUT) $(if $(_CMP_BY_PATH),--train-json $(TRAIN_JSON) \
 	    --train-images $(TRAIN_IMAGES) --val-json $(VAL_JSON) --val-images $(VAL_IMAGES) \
 	    $(if $(COMPARE_NAME),--name $(COMPARE_NAME)),--dataset $(DATASET) --eval-split $(EVAL_SPLIT)) \
-	    $(if $(ARMS),--arms $(ARMS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+	    $(if $(ARMS),--arms $(ARMS)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(CLIP_GRAD),--clip-grad $(CLIP_GRAD)) \
 	    $(if $(PRETRAIN_ITERS),--pretrain-iters $(PRETRAIN_ITERS)) \
 	    $(if $(FINETUNE_ITERS),--finetune-iters $(FINETUNE_ITERS)) \
 	    $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE)) $(if $(FT_MIN_SIZE),--ft-min-size $(FT_MIN_SIZE)) \

@@ -184,6 +184,9 @@ def parse_args(argv=None):
                    help="add a fine-tuning with the backbone frozen per arm and seed")
     r.add_argument("--table3", nargs="?", const="erf", default=None, metavar="ARM",
                    help="add scratch_long: fine-tuned for the total CPU time of ARM (erf)")
+    r.add_argument("--clip-grad", type=float, default=5.0, metavar="NORM",
+                   help="gradient-norm clip of every fine-tuning (5.0: the toy fine-tuning "
+                        "configs' own); 0 = off, the protocol of results/chess (no clipping)")
     e = p.add_argument_group("pinned runtime (recorded with every run)")
     e.add_argument("--threads", type=int, default=1, help="OMP/MKL/torch threads per step")
     e.add_argument("--workers", type=int, default=1, choices=(0, 1),
@@ -350,7 +353,8 @@ def make_plans(args, out):
             probes=not args.no_probes, probe_max_boxes=size["probe_max_boxes"],
             trained_only=args.trained_only,
             frozen=args.frozen, table3=args.table3,
-            threads=args.threads, workers=args.workers, bank_workers=args.bank_workers))
+            threads=args.threads, workers=args.workers, bank_workers=args.bank_workers,
+            clip_grad=args.clip_grad))
     return plans
 
 
@@ -383,6 +387,14 @@ def ft_size_opts(size):
             "INPUT.MAX_SIZE_TEST", str(max_size)]
 
 
+def clip_opts(clip):
+    """Detectron2 opts for a gradient-norm clip of ``clip`` (0: off, whatever the config says)."""
+    if not clip:
+        return ["SOLVER.CLIP_GRADIENTS.ENABLED", "False"]
+    return ["SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
+            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", str(float(clip))]
+
+
 def pretrain_settings(plan, arm):
     n = plan["pretrain_iters"]
     config, loss = arm_spec(pretrain_arm(arm))["pretrain"]
@@ -402,6 +414,8 @@ def finetune_settings(plan, arm, step):
               frozen=step == "frozen")
     if spec["opts"]:  # absent otherwise: the settings (and sids) of the other arms unchanged
         ft["opts"] = spec["opts"]
+    if plan.get("clip_grad"):  # absent when off: the sids of the unclipped records stay valid
+        ft["clip_grad"] = plan["clip_grad"]
     if arm == "scratch_long":
         ft["matched_to"] = finetune_settings(plan, plan["table3"], "finetune")
     return dict(data=dict(train_sha1=plan["train_sha1"]), runtime=runtime_settings(plan),
@@ -721,6 +735,7 @@ class Comparison:
                 "--val-images", self.p["val_images"], "--dataset-name",
                 "cmp_" + re.sub(r"\W", "_", self.p["name"]), "MODEL.WEIGHTS", weights,
                 "OUTPUT_DIR", out_dir] + ft_size_opts(self.p["ft_min_size"]) + self.pinned + \
+            clip_opts(settings["finetune"].get("clip_grad", 0)) + \
             settings["finetune"].get("opts", [])
 
     @staticmethod

@@ -163,7 +163,7 @@ def test_make_variables_reach_compare_py(compare):
     argv = make_compare_argv("DATASET=chess", "ARMS=scratch,erf", "SEEDS=0,1,2",
                              "PRETRAIN_ITERS=30", "FINETUNE_ITERS=40", "INPUT_SIZE=160",
                              "FT_MIN_SIZE=288", "FROZEN=1", "SCRATCH_LONG=1", "PROBES=0",
-                             "COMPARE_OUT=/tmp/x", "QUICK=1", "EVAL_SPLIT=test")
+                             "COMPARE_OUT=/tmp/x", "QUICK=1", "EVAL_SPLIT=test", "CLIP_GRAD=0")
     args = compare.parse_args(argv)
     assert args.datasets == ["chess"] and args.eval_split == "test" and not args.train_json
     assert args.arms == ["scratch", "erf"] and args.seeds == [0, 1, 2]
@@ -171,6 +171,7 @@ def test_make_variables_reach_compare_py(compare):
         30, 40, 160, 288)
     assert args.frozen and args.no_probes and args.table3 == "erf" and args.quick == 1
     assert args.out == "/tmp/x" and args.threads == 1 and args.workers in (0, 1)
+    assert args.clip_grad == 0
 
 
 def test_make_dataset_by_path_wins_over_the_preset(compare):
@@ -181,7 +182,7 @@ def test_make_dataset_by_path_wins_over_the_preset(compare):
         "t.json", "v", "mine")
     args = compare.parse_args(make_compare_argv())  # nothing given: the preset
     assert args.datasets == ["toy"] and args.out == "output/compare" and not args.frozen
-    assert not args.no_probes and args.table3 is None
+    assert not args.no_probes and args.table3 is None and args.clip_grad == 5.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,3 +498,39 @@ def test_diverged_flags_only_mark_detection_metrics(compare):
     runs = [dict(iters=200, pretrain_cpu_s=100.0, finetune_cpu_s=600.0),
             dict(iters=200, pretrain_cpu_s=100.0, finetune_cpu_s=150.0, diverged=True)]
     assert compare._cost_cells(runs) == ["200", "100", "600", "700"]  # the stopped run left out
+
+
+def test_gradient_clip_is_a_setting_and_off_keeps_the_unclipped_records(compare, tmp_path,
+                                                                       monkeypatch):
+    fake = FakeSteps(compare.EXPORT_NAME)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
+    out = tmp_path / "out"
+
+    def main(*extra):
+        compare.main(["--out", str(out), "--quick", "1", "--arms", "scratch,erf", "--seeds", "0",
+                      "--no-probes", "--train-json", str(data / "train/_annotations.coco.json"),
+                      "--train-images", str(data / "train"),
+                      "--val-json", str(data / "valid/_annotations.coco.json"),
+                      "--val-images", str(data / "valid"), *extra])
+        with open(out / "results.json") as f:
+            return {k: r for k, r in json.load(f).items() if r["step"] == "finetune"}
+
+    off = main("--clip-grad", "0")
+    # off: the settings are those of records made before clipping existed (no clip key), and the
+    # command turns off whatever clipping the config file has
+    plan = dict(train_sha1="x", threads=1, workers=1, pretrain_iters=12, input_size=128,
+                finetune_iters=12, ft_min_size=224, table3=None)
+    assert compare.finetune_settings(dict(plan, clip_grad=0), "erf", "finetune") == \
+        compare.finetune_settings(plan, "erf", "finetune")
+    assert all("SOLVER.CLIP_GRADIENTS.ENABLED False" in r["command"] for r in off.values())
+    fake.calls.clear()
+    clipped = main()  # the default clips: new settings, so both fine-tunings run again
+    assert [c[0] for c in fake.calls] == ["finetune_net.py"] * 2
+    new = {k: r for k, r in clipped.items() if k not in off}
+    assert len(new) == 2 and all(r["settings"]["finetune"]["clip_grad"] == 5.0
+                                 for r in new.values())
+    assert all("SOLVER.CLIP_GRADIENTS.ENABLED True SOLVER.CLIP_GRADIENTS.CLIP_TYPE norm "
+               "SOLVER.CLIP_GRADIENTS.CLIP_VALUE 5.0" in r["command"] for r in new.values())
+    fake.calls.clear()
+    main("--clip-grad", "0")  # the unclipped records are still there and still match
+    assert fake.calls == []
