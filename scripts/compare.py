@@ -388,9 +388,11 @@ def ft_size_opts(size):
 
 
 def clip_opts(clip):
-    """Detectron2 opts for a gradient-norm clip of ``clip`` (0: off, whatever the config says)."""
+    """Detectron2 opts for a gradient-norm clip of ``clip`` (0: off, whatever the config says,
+    with Detectron2's default clip keys, so the resolved config equals an unclipping config's)."""
     if not clip:
-        return ["SOLVER.CLIP_GRADIENTS.ENABLED", "False"]
+        return ["SOLVER.CLIP_GRADIENTS.ENABLED", "False", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+                "value", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0"]
     return ["SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
             "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", str(float(clip))]
 

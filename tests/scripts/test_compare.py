@@ -534,3 +534,14 @@ def test_gradient_clip_is_a_setting_and_off_keeps_the_unclipped_records(compare,
     fake.calls.clear()
     main("--clip-grad", "0")  # the unclipped records are still there and still match
     assert fake.calls == []
+
+
+def test_clip_off_resolves_the_toy_configs_to_detectron2_defaults(compare):
+    from detectron2.config import get_cfg
+    from tests.montage_pretrain.finetune_helpers import TOY, finetune_cfg
+
+    assert finetune_cfg().SOLVER.CLIP_GRADIENTS.ENABLED  # the configs clip; compare decides
+    off = finetune_cfg(TOY, *compare.clip_opts(0)).SOLVER.CLIP_GRADIENTS
+    assert off == get_cfg().SOLVER.CLIP_GRADIENTS  # as resolved before the configs clipped
+    on = finetune_cfg(TOY, *compare.clip_opts(2.5)).SOLVER.CLIP_GRADIENTS
+    assert (on.ENABLED, on.CLIP_TYPE, on.CLIP_VALUE) == (True, "norm", 2.5)
