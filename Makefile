@@ -87,7 +87,7 @@ demo: setup ## toy data -> samples -> pretrain -> finetune (Montage and scratch)
 	$(MAKE) --no-print-directory pretrain
 	@echo "fine-tuning Montage and scratch side by side, $(DEMO_THREADS) thread(s) each;" \
 	    "logs: $(OUT)/finetune.log, $(OUT)/scratch.log"
-	@mkdir -p $(OUT)/scratch; export OMP_NUM_THREADS=$(DEMO_THREADS) MKL_NUM_THREADS=$(DEMO_THREADS); \
+	@export OMP_NUM_THREADS=$(DEMO_THREADS) MKL_NUM_THREADS=$(DEMO_THREADS); \
 	$(MAKE) --no-print-directory finetune > $(OUT)/finetune.log 2>&1 & m=$$!; \
 	$(MAKE) --no-print-directory finetune WEIGHTS= OUT=$(OUT)/scratch \
 	    FINETUNE_CONFIG=$(FINETUNE_SCRATCH_CONFIG) > $(OUT)/scratch.log 2>&1 & s=$$!; \

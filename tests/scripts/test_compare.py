@@ -540,7 +540,9 @@ def test_clip_off_resolves_the_toy_configs_to_detectron2_defaults(compare):
     from detectron2.config import get_cfg
     from tests.montage_pretrain.finetune_helpers import TOY, finetune_cfg
 
-    assert finetune_cfg().SOLVER.CLIP_GRADIENTS.ENABLED  # the configs clip; compare decides
+    clipping = finetune_cfg().SOLVER.CLIP_GRADIENTS  # the configs clip; compare decides
+    assert clipping.ENABLED and clipping.CLIP_TYPE == "norm"
+    assert compare.parse_args([]).clip_grad == clipping.CLIP_VALUE  # one value, not two
     off = finetune_cfg(TOY, *compare.clip_opts(0)).SOLVER.CLIP_GRADIENTS
     assert off == get_cfg().SOLVER.CLIP_GRADIENTS  # as resolved before the configs clipped
     on = finetune_cfg(TOY, *compare.clip_opts(2.5)).SOLVER.CLIP_GRADIENTS
