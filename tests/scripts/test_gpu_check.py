@@ -30,5 +30,19 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert exp["bank"]["num_samples"] > 0 and exp["pretrain"]["iterations"] == 4
     for arm in ("montage", "scratch"):
         assert exp[arm]["bbox"]["AP"] is not None and exp[arm]["iterations_run"] == 4
+        assert exp[arm]["loss_finite"] and exp[arm]["loss_trace"][-1][0] == 3
     assert exp["montage"]["backbone_tensors_loaded"] > 0  # fine-tuned from the export
     assert "backbone_tensors_loaded" not in exp["scratch"]
+
+
+def test_gpu_check_runs_only_the_steps_asked_for(tmp_path):
+    # A rerun on the device's leftover minutes: GPU_CHECK_STEPS=env runs env alone.
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STEPS="env",
+               GPU_CHECK_WORK=str(tmp_path / "work"))
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--dry-run"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["env.json", "gpu_check.log", "steps.json"]
+    assert [s["step"] for s in json.loads((out / "steps.json").read_text())] == ["env"]
+    assert "step bench: not in GPU_CHECK_STEPS, skipped" in (out / "gpu_check.log").read_text()
