@@ -15,7 +15,8 @@ for every seed; on demand also the hand-off arms (``scratch_bn``, ``erf_gn``, ``
 and ``erf_fpn``: backbone + pyramid pre-trained together (``MontageFPNClassifier``, ERF loss per
 pyramid level), whose export also fills the detector's ``backbone.fpn_*``, fine-tuned with erf's
 detector config (its paired baseline, like erf's, is ``scratch_bn``; the report adds the paired
-difference erf_fpn − erf). Per arm and seed it measures full fine-tuning AP; the frozen-backbone
+difference erf_fpn − erf); ``erf_fpn_levels`` is erf_fpn with one classifier per pyramid level
+(``MONTAGE.FPN.SHARED_HEAD False``; the report adds erf_fpn_levels − erf_fpn). Per arm and seed it measures full fine-tuning AP; the frozen-backbone
 kNN and linear probes of the export (``scripts/probe.py``; random init for ``scratch``), once per
 pre-training; with ``--frozen`` the AP of the detector trained with the backbone frozen
 (``MODEL.BACKBONE.FREEZE_AT 5``: FPN and heads train); with ``--table3`` a ``scratch_long`` arm
@@ -81,7 +82,8 @@ VARIANTS = ("scratch", "single", "global", "blockwise", "erf")
 # erf's own export handed to FrozenBN with stem + res2 frozen (the paper's hand-off).
 NORM_ARMS = ("scratch_bn", "erf_gn", "erf_frozenbn")
 # Beyond the paper: the pyramid pre-trained too (issue: FPN pre-training).
-PYRAMID_ARMS = ("erf_fpn",)
+# erf_fpn_levels: the same with one 1x1 classifier per level instead of one shared by all levels.
+PYRAMID_ARMS = ("erf_fpn", "erf_fpn_levels")
 ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS
 ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS
 
@@ -105,6 +107,9 @@ def arm_spec(arm):
     if arm == "erf_fpn":  # erf's detector, started from backbone + pyramid
         return dict(pretrain=(PRETRAIN_FPN_CONFIG, "erf"), config=FINETUNE_CONFIG, opts=[],
                     probe=True, frozen=True, ref="scratch_bn")
+    if arm == "erf_fpn_levels":
+        return dict(pretrain=(PRETRAIN_FPN_CONFIG, "erf", ["MONTAGE.FPN.SHARED_HEAD", "False"]),
+                    config=FINETUNE_CONFIG, opts=[], probe=True, frozen=True, ref="scratch_bn")
     if arm == "erf_frozenbn":  # its frozen-backbone run would be erf's: FREEZE_AT 5 either way
         return dict(pretrain_of="erf", config=FINETUNE_CONFIG,
                     opts=["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2"],
@@ -399,11 +404,14 @@ def clip_opts(clip):
 
 def pretrain_settings(plan, arm):
     n = plan["pretrain_iters"]
-    config, loss = arm_spec(pretrain_arm(arm))["pretrain"]
-    return dict(data=dict(train_sha1=plan["train_sha1"], bank_seed=0),
-                runtime=runtime_settings(plan), config=config, loss=loss, iters=n,
-                input_size=plan["input_size"], warmup=max(1, min(30, n // 10)),
-                erf_period=max(1, n // 3))
+    config, loss, *opts = arm_spec(pretrain_arm(arm))["pretrain"]
+    settings = dict(data=dict(train_sha1=plan["train_sha1"], bank_seed=0),
+                    runtime=runtime_settings(plan), config=config, loss=loss, iters=n,
+                    input_size=plan["input_size"], warmup=max(1, min(30, n // 10)),
+                    erf_period=max(1, n // 3))
+    if opts and opts[0]:  # absent otherwise: the sids of the other arms unchanged
+        settings["opts"] = list(opts[0])
+    return settings
 
 
 def finetune_settings(plan, arm, step):
@@ -634,7 +642,7 @@ class Comparison:
                "SOLVER.WARMUP_ITERS", str(settings["warmup"]),
                "SOLVER.CHECKPOINT_PERIOD", str(10 ** 7),
                "MONTAGE.ERF_PERIOD", str(settings["erf_period"]),
-               "SEED", str(seed), "OUTPUT_DIR", d] + self.pinned
+               "SEED", str(seed), "OUTPUT_DIR", d] + settings.get("opts", []) + self.pinned
         wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
         rec = self._record(arm, seed, "pretrain", sid, settings, cmd, wall, cpu, d,
                            export=os.path.join(d, EXPORT_NAME),
@@ -1010,18 +1018,27 @@ def handoff_table(values):
     return head, rows
 
 
+PYRAMID_PAIRS = (("erf_fpn", "erf", "pyramid pre-training: erf_fpn (backbone + FPN) − erf "
+                                     "(backbone only)"),
+                 ("erf_fpn_levels", "erf_fpn", "classifier per level: erf_fpn_levels − erf_fpn "
+                                               "(one shared by all levels)"))
+
+
 def pyramid_line(values):
-    """The pyramid arm against the backbone-only one on the same seeds (paired): what
-    pre-training the FPN too adds; None without both arms."""
-    if "erf_fpn" not in values or "erf" not in values:
-        return None
-    parts = []
-    for key, label in (("AP", "AP"), ("frozen_AP", "frozen AP"), ("res5_linear", "res5 linear")):
-        p = paired(values, "erf_fpn", key, ref="erf")
-        if p:
-            parts.append(f"{label} {_fmt_paired(p)} (per seed {_per_seed(p)})")
-    return ("pyramid pre-training: erf_fpn (backbone + FPN) − erf (backbone only), paired: "
-            + ("; ".join(parts) or "no common seed yet"))
+    """The pyramid arms, paired on the same seeds: what pre-training the FPN too adds over the
+    backbone alone, and a classifier per level over one shared; None without such a pair."""
+    lines = []
+    for arm, ref, title in PYRAMID_PAIRS:
+        if arm not in values or ref not in values:
+            continue
+        parts = []
+        for key, label in (("AP", "AP"), ("frozen_AP", "frozen AP"),
+                           ("res5_linear", "res5 linear")):
+            p = paired(values, arm, key, ref=ref)
+            if p:
+                parts.append(f"{label} {_fmt_paired(p)} (per seed {_per_seed(p)})")
+        lines.append(f"{title}, paired: " + ("; ".join(parts) or "no common seed yet"))
+    return "\n\n".join(lines) or None
 
 
 def report(results, views, out):

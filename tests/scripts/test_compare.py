@@ -362,7 +362,7 @@ def test_erf_fpn_arm_pretrains_the_pyramid_and_pairs_with_erf(compare, tmp_path,
     out = tmp_path / "out"
     compare.main([
         "--out", str(out), "--quick", "1", "--seeds", "0,1", "--frozen",
-        "--arms", "scratch,erf,erf_fpn",
+        "--arms", "scratch,erf,erf_fpn,erf_fpn_levels",
         "--train-json", str(data / "train/_annotations.coco.json"),
         "--train-images", str(data / "train"),
         "--val-json", str(data / "valid/_annotations.coco.json"),
@@ -370,8 +370,15 @@ def test_erf_fpn_arm_pretrains_the_pyramid_and_pairs_with_erf(compare, tmp_path,
     with open(out / "results.json") as f:
         results = json.load(f)
     pre = {(r["arm"], r["seed"]): r for r in results.values() if r["step"] == "pretrain"}
-    assert sorted(pre) == [("erf", 0), ("erf", 1), ("erf_fpn", 0), ("erf_fpn", 1)]
+    assert sorted(pre) == [("erf", 0), ("erf", 1), ("erf_fpn", 0), ("erf_fpn", 1),
+                           ("erf_fpn_levels", 0), ("erf_fpn_levels", 1)]
     fpn_pre, erf_pre = pre[("erf_fpn", 0)], pre[("erf", 0)]
+    # erf_fpn_levels: erf_fpn with a classifier per level, nothing else different
+    levels_pre = pre[("erf_fpn_levels", 0)]
+    assert "MONTAGE.FPN.SHARED_HEAD False" in levels_pre["command"]
+    assert "SHARED_HEAD" not in fpn_pre["command"] and "opts" not in fpn_pre["settings"]
+    assert {k: v for k, v in levels_pre["settings"].items() if k != "opts"} == fpn_pre["settings"]
+    assert levels_pre["sid"] != fpn_pre["sid"]
     assert "montage_R_18_FPN_toy.yaml" in fpn_pre["command"]
     assert "MONTAGE.LOSS erf" in fpn_pre["command"]
     # equal pre-training compute: same iterations, canvas and ERF schedule as erf
@@ -384,10 +391,12 @@ def test_erf_fpn_arm_pretrains_the_pyramid_and_pairs_with_erf(compare, tmp_path,
         assert ft[("erf_fpn", 0, step)]["settings"]["finetune"]["config"] == \
             ft[("erf", 0, step)]["settings"]["finetune"]["config"] == compare.FINETUNE_CONFIG
     assert {r["arm"] for r in results.values() if r["step"] == "probe"} == {
-        "scratch", "erf", "erf_fpn"}
+        "scratch", "erf", "erf_fpn", "erf_fpn_levels"}
     text = capsys.readouterr().out
     # FakeSteps: AP = 3 + 0.5 * seed + iterations / 1000 for any export: no difference
     assert "pyramid pre-training: erf_fpn (backbone + FPN) − erf (backbone only), paired: " \
+           "AP +0.00 [+0.00, +0.00]" in text
+    assert "classifier per level: erf_fpn_levels − erf_fpn (one shared by all levels), paired: " \
            "AP +0.00 [+0.00, +0.00]" in text
     rows = [cells(line) for line in text.splitlines() if line.startswith("| erf_fpn")]
     assert rows and rows[0][1] == "2"  # the detection table has the arm over both seeds
