@@ -16,10 +16,11 @@ and ``erf_fpn``: backbone + pyramid pre-trained together (``MontageFPNClassifier
 pyramid level), whose export also fills the detector's ``backbone.fpn_*``, fine-tuned with erf's
 detector config (its paired baseline, like erf's, is ``scratch_bn``; the report adds the paired
 difference erf_fpn − erf); ``erf_fpn_levels`` is erf_fpn with one classifier per pyramid level
-(``MONTAGE.FPN.SHARED_HEAD False``; the report adds erf_fpn_levels − erf_fpn). Per arm and seed it measures full fine-tuning AP; the frozen-backbone
-kNN and linear probes of the export (``scripts/probe.py``; random init for ``scratch``), once per
-pre-training; with ``--frozen`` the AP of the detector trained with the backbone frozen
-(``MODEL.BACKBONE.FREEZE_AT 5``: FPN and heads train); with ``--table3`` a ``scratch_long`` arm
+(``MONTAGE.FPN.SHARED_HEAD False``; the report adds erf_fpn_levels − erf_fpn). Per arm and seed
+it measures full fine-tuning AP; the frozen-backbone kNN and linear probes of the export
+(``scripts/probe.py``; random init for ``scratch``), once per pre-training; with ``--frozen``
+the AP of the detector trained with the backbone frozen (``MODEL.BACKBONE.FREEZE_AT 5``: FPN and
+heads train); with ``--table3`` a ``scratch_long`` arm
 fine-tuned for the total CPU time (pre-training + fine-tuning) of a Montage arm on the same seed,
 the paper's Table 3 view. Every metric is reported as mean ± std over seeds and as the paired
 difference to ``scratch`` on the same seed (mean [min, max] and per seed).
@@ -90,7 +91,8 @@ ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARM
 
 def arm_spec(arm):
     """
-    What an arm runs: ``pretrain`` (config, MONTAGE.LOSS) or None; ``pretrain_of``: the arm
+    What an arm runs: ``pretrain`` (config, MONTAGE.LOSS) or None, with ``pretrain_opts`` (extra
+    config opts, optional); ``pretrain_of``: the arm
     whose pre-training (and probe) it shares; the fine-tuning ``config`` and extra ``opts``;
     whether it has its own ``probe`` and ``frozen`` runs; ``ref``: the scratch arm of the same
     detector norm, its paired baseline in the hand-off table.
@@ -108,7 +110,8 @@ def arm_spec(arm):
         return dict(pretrain=(PRETRAIN_FPN_CONFIG, "erf"), config=FINETUNE_CONFIG, opts=[],
                     probe=True, frozen=True, ref="scratch_bn")
     if arm == "erf_fpn_levels":
-        return dict(pretrain=(PRETRAIN_FPN_CONFIG, "erf", ["MONTAGE.FPN.SHARED_HEAD", "False"]),
+        return dict(pretrain=(PRETRAIN_FPN_CONFIG, "erf"),
+                    pretrain_opts=["MONTAGE.FPN.SHARED_HEAD", "False"],
                     config=FINETUNE_CONFIG, opts=[], probe=True, frozen=True, ref="scratch_bn")
     if arm == "erf_frozenbn":  # its frozen-backbone run would be erf's: FREEZE_AT 5 either way
         return dict(pretrain_of="erf", config=FINETUNE_CONFIG,
@@ -404,13 +407,14 @@ def clip_opts(clip):
 
 def pretrain_settings(plan, arm):
     n = plan["pretrain_iters"]
-    config, loss, *opts = arm_spec(pretrain_arm(arm))["pretrain"]
+    spec = arm_spec(pretrain_arm(arm))
+    config, loss = spec["pretrain"]
     settings = dict(data=dict(train_sha1=plan["train_sha1"], bank_seed=0),
                     runtime=runtime_settings(plan), config=config, loss=loss, iters=n,
                     input_size=plan["input_size"], warmup=max(1, min(30, n // 10)),
                     erf_period=max(1, n // 3))
-    if opts and opts[0]:  # absent otherwise: the sids of the other arms unchanged
-        settings["opts"] = list(opts[0])
+    if spec.get("pretrain_opts"):  # absent otherwise: the sids of the other arms unchanged
+        settings["opts"] = spec["pretrain_opts"]
     return settings
 
 

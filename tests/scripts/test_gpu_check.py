@@ -7,13 +7,18 @@ import sys
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def test_gpu_check_dry_run_writes_every_result(tmp_path):
+def dry_run(tmp_path, timeout, **env):
+    """Runs ``gpu_check.sh OUT --dry-run`` with ``env`` added; asserts it succeeded; -> OUT."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               GPU_CHECK_WORK=str(tmp_path / "work"))
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_WORK=str(tmp_path / "work"), **env)
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--dry-run"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return out
+
+
+def test_gpu_check_dry_run_writes_every_result(tmp_path):
+    out = dry_run(tmp_path, 900, OMP_NUM_THREADS="1")
     # At most 8 files come back from the device's $OUT.
     assert sorted(os.listdir(out)) == ["bench.jsonl", "env.json", "experiment.json",
                                        "gpu_check.log", "steps.json", "tests.json"]
@@ -37,12 +42,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
 
 def test_gpu_check_runs_only_the_steps_asked_for(tmp_path):
     # A rerun on the device's leftover minutes: GPU_CHECK_STEPS=env runs env alone.
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STEPS="env",
-               GPU_CHECK_WORK=str(tmp_path / "work"))
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--dry-run"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = dry_run(tmp_path, 300, GPU_CHECK_STEPS="env")
     assert sorted(os.listdir(out)) == ["env.json", "gpu_check.log", "steps.json"]
     assert [s["step"] for s in json.loads((out / "steps.json").read_text())] == ["env"]
     assert "step bench: not in GPU_CHECK_STEPS, skipped" in (out / "gpu_check.log").read_text()
