@@ -85,8 +85,12 @@ NORM_ARMS = ("scratch_bn", "erf_gn", "erf_frozenbn")
 # Beyond the paper: the pyramid pre-trained too (issue: FPN pre-training).
 # erf_fpn_levels: the same with one 1x1 classifier per level instead of one shared by all levels.
 PYRAMID_ARMS = ("erf_fpn", "erf_fpn_levels")
-ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS
-ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS
+# erf's export with every BN-followed conv filter rescaled to its init norm, BN statistics with it
+# (output-invariant: montage_pretrain/weight_scale.py), into erf's two detectors (issue 20).
+SCALE_ARMS = ("erf_init", "erf_frozenbn_init")
+ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS + SCALE_ARMS
+ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS + SCALE_ARMS
+FROZENBN_OPTS = ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2"]
 
 
 def arm_spec(arm):
@@ -114,8 +118,11 @@ def arm_spec(arm):
                     pretrain_opts=["MONTAGE.FPN.SHARED_HEAD", "False"],
                     config=FINETUNE_CONFIG, opts=[], probe=True, frozen=True, ref="scratch_bn")
     if arm == "erf_frozenbn":  # its frozen-backbone run would be erf's: FREEZE_AT 5 either way
-        return dict(pretrain_of="erf", config=FINETUNE_CONFIG,
-                    opts=["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2"],
+        return dict(pretrain_of="erf", config=FINETUNE_CONFIG, opts=list(FROZENBN_OPTS),
+                    probe=False, frozen=False, ref="scratch_bn")
+    if arm in SCALE_ARMS:
+        opts = list(FROZENBN_OPTS) if arm == "erf_frozenbn_init" else []
+        return dict(pretrain_of="erf", config=FINETUNE_CONFIG, opts=opts, weight_scale="init",
                     probe=False, frozen=False, ref="scratch_bn")
     return dict(pretrain=(PRETRAIN_CONFIG, arm), config=FINETUNE_CONFIG, opts=[], probe=True,
                 frozen=True, ref="scratch_bn" if arm == "erf" else "scratch")
@@ -426,6 +433,8 @@ def finetune_settings(plan, arm, step):
     iters = f"total CPU of {plan['table3']}" if arm == "scratch_long" else plan["finetune_iters"]
     ft = dict(config=spec["config"], iters=iters, ft_min_size=plan["ft_min_size"],
               frozen=step == "frozen")
+    if spec.get("weight_scale"):  # absent otherwise: the sids of the other arms unchanged
+        ft["weight_scale"] = spec["weight_scale"]
     if spec["opts"]:  # absent otherwise: the settings (and sids) of the other arms unchanged
         ft["opts"] = spec["opts"]
     if plan.get("clip_grad"):  # absent when off: the sids of the unclipped records stay valid
@@ -654,6 +663,21 @@ class Comparison:
         print(f"{self.key(arm, seed, 'pretrain', sid)}: {cpu:.0f} CPU-s", flush=True)
         return rec
 
+    def export_for(self, arm, pre):
+        """The weight file ``arm`` fine-tunes from: its pre-training's export, or (arms with a
+        ``weight_scale``) that export rescaled, written once next to it."""
+        scale = arm_spec(arm).get("weight_scale")
+        if not scale:
+            return pre["export"]
+        from montage_pretrain.export import rescale_export
+
+        path = pre["export"][:-len(".pkl")] + f"_{scale}_scale.pkl"
+        with _dir_lock(os.path.dirname(path)):
+            if not os.path.isfile(path):
+                summary = rescale_export(pre["export"], path)
+                print(f"{path}: {summary}", flush=True)
+        return path
+
     def probe(self, arm, seed, weights):
         """kNN / linear probes of ``weights`` ("" = random init, seeded) on the eval split."""
         settings = probe_settings(self.p, arm)
@@ -711,6 +735,16 @@ class Comparison:
             "SOLVER.WARMUP_ITERS", str(warmup), "SEED", str(seed)]
         if step == "frozen":
             cmd += ["MODEL.BACKBONE.FREEZE_AT", "5"]
+        resumed = None
+        if self.p.get("checkpoint_period"):
+            # Long runs (scripts/long_protocol.py): checkpoints, and a rerun resumes an
+            # interrupted run from its last one (the data order after it differs).
+            cmd += ["SOLVER.CHECKPOINT_PERIOD", str(self.p["checkpoint_period"])]
+            last = os.path.join(d, "last_checkpoint")
+            if os.path.isfile(last):
+                with open(last) as f:
+                    resumed = f.read().strip()
+                cmd.insert(2, "--resume")
         diverged = None
         try:
             wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
@@ -730,9 +764,13 @@ class Comparison:
             pretrain_key=self.key(pre_rec["arm"], seed, "pretrain", pre_rec["sid"])
             if pre_rec else None,
             matched_to=matched, metrics=metrics, diverged=diverged is not None,
-            diverged_after_iter=diverged,
+            diverged_after_iter=diverged, resumed_from=resumed,
             config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")))
         m = metrics[self.val_key]
+        if self.p.get("checkpoint_period"):  # only model_final.pth is kept
+            for name in os.listdir(d):
+                if re.fullmatch(r"model_\d+\.pth", name):
+                    os.remove(os.path.join(d, name))
         if diverged is not None:
             print(f"{self.key(arm, seed, step, sid)}: DIVERGED after iteration {diverged} "
                   f"(recorded as AP 0; {os.path.join(d, 'stdout.log')})", flush=True)
@@ -791,7 +829,7 @@ class Comparison:
         spec, pre, weights = arm_spec(arm), None, ""
         if pretrain_arm(arm):
             pre = self.pretrain(arm, seed)
-            weights = pre["export"]
+            weights = self.export_for(arm, pre)
         if self.p["probes"] and spec["probe"]:
             self.probe(arm, seed, weights)
         ft = self.finetune(arm, seed, "finetune", weights, pre)

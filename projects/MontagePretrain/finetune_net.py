@@ -45,6 +45,7 @@ from montage_pretrain.datasets import set_finetune_datasets, set_num_classes
 from montage_pretrain.distributed import cpu_ddp, fit_sync_norms
 from montage_pretrain.evaluation import build_coco_evaluator, format_table, summarize, write_metrics
 from montage_pretrain.export_format import WeightFileError
+from montage_pretrain.handoff_trace import HandoffTrace
 from montage_pretrain.loading import ExportCheckpointer, load_and_verify, read_checked_weights
 
 logger = logging.getLogger("montage.finetune")
@@ -60,10 +61,19 @@ class Trainer(DefaultTrainer):
     # file is unpickled once.
     export = None
     eval_seconds = 0.0
+    # --trace-iters: iterations recorded by HandoffTrace (0 = none).
+    trace_iters = 0
 
     def __init__(self, cfg):
         with cpu_ddp():  # several CPU processes: DDP without device_ids
             super().__init__(cfg)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.trace_iters > 0:  # before the writers, so its last row is logged with them
+            path = os.path.join(self.cfg.OUTPUT_DIR, "handoff_trace.json")
+            hooks.insert(len(hooks) - 1, HandoffTrace(self.trace_iters, path))
+        return hooks
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -106,6 +116,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--weights-config", default="",
         help="YAML merged after --config-file, e.g. the export's <weights>.pkl.yaml",
+    )
+    parser.add_argument(
+        "--trace-iters", type=int, default=0,
+        help="record loss, weight/gradient norms and relative updates per backbone stage for "
+             "the first N iterations in OUTPUT_DIR/handoff_trace.json (0 = off)",
     )
     return parser.parse_args(argv)
 
@@ -192,6 +207,7 @@ def run(args):
         )
         results = Trainer.test(cfg, model)
     else:
+        Trainer.trace_iters = max(0, args.trace_iters)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         if trainer.load_summary is not None:

@@ -45,6 +45,7 @@ from .export_format import (
     sidecar_yaml,
 )
 from .loading import torch_load_weights_only
+from .weight_scale import reset_to_init_scale
 
 __all__ = [
     "BACKBONE_PREFIXES",
@@ -52,6 +53,7 @@ __all__ = [
     "export_backbone",
     "expected_backbone_shapes",
     "check_checkpoint_fits_cfg",
+    "rescale_export",
     "parse_args",
     "main",
 ]
@@ -218,6 +220,29 @@ def export_backbone(model_or_state_dict, cfg, path, iteration=None):
         "dropped": dropped,
         "settings": settings,
     }
+
+
+def rescale_export(src, dst):
+    """
+    Writes ``src`` (a backbone export) to ``dst`` with every BN-followed conv filter at its init
+    norm and the BN statistics with it (:func:`~montage_pretrain.weight_scale.reset_to_init_scale`:
+    the same outputs, the effective step size of random init); ``montage["weight_scale"]`` of the
+    copy is ``"init"``, its ``.yaml`` sidecar is written as for any export.
+
+    Returns:
+        dict: the rescale summary (convs, smallest / largest scale, clamped variances).
+    """
+    from .export_format import read_export
+
+    export = read_export(src)
+    data = dict(export.checkpoint)
+    data["model"], summary = reset_to_init_scale(dict(data["model"]))
+    settings = dict(export.settings or {})
+    settings["weight_scale"] = "init"
+    data["montage"] = settings
+    _atomic_write(dst, data, "wb")
+    _atomic_write(dst + SIDECAR_SUFFIX, sidecar_yaml(settings, dst), "w")
+    return summary
 
 
 def _load_checkpoint(path, trust=False):

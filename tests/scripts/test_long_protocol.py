@@ -1,0 +1,113 @@
+"""scripts/long_protocol.py: lengths, job order, lanes' claims, verdicts, and a mocked run."""
+import json
+import os
+
+import pytest
+
+from test_compare import FakeSteps, mocked_steps  # same folder (pytest prepends it)
+
+
+@pytest.fixture(scope="module")
+def proto(load_script):
+    return load_script("long_protocol")
+
+
+@pytest.fixture(scope="module")
+def compare(proto):
+    return proto.C  # the module the protocol calls (mocked below)
+
+
+def test_auto_lengths_double_up_to_thirty_epochs(proto):
+    assert proto.auto_lengths(202, 4) == [200, 400, 800, 1515]  # chess train, 4 a batch
+    assert 1515 * 4 / 202 >= 30 > 1514 * 4 / 202
+    assert proto.auto_lengths(80, 4) == [200, 400, 600]
+    assert proto.auto_lengths(10, 4, first=200) == [200]  # 30 epochs < 200 it: one length
+
+
+def test_jobs_sweep_every_length_then_the_other_seeds_at_the_longest(proto):
+    jobs = proto.jobs([10, 20], seeds=[0, 1, 2], sweep_seeds=[0], arms=["a", "b"])
+    assert jobs == [(10, 0, "a"), (10, 0, "b"), (20, 0, "a"), (20, 0, "b"),
+                    (20, 1, "a"), (20, 1, "b"), (20, 2, "a"), (20, 2, "b")]
+
+
+def test_a_claimed_job_is_skipped_by_another_lane_and_freed_after(proto, tmp_path):
+    job = (200, 0, "erf")
+    with proto.claim(str(tmp_path), job) as first:
+        assert first
+        with proto.claim(str(tmp_path), job) as second:  # another open file: another lane
+            assert not second
+    with proto.claim(str(tmp_path), job) as again:
+        assert again
+
+
+@pytest.mark.parametrize("diffs,expected", [
+    ([1.0, 2.0, 0.5], "pays"), ([1.0], "pays (1 seed)"), ([-1.0, -0.1], "does not pay"),
+    ([-2.0, 1.0], "undecided (seeds disagree)"), ([0.0, 0.0], "undecided (seeds disagree)")])
+def test_verdict_from_the_signs_of_the_paired_differences(proto, diffs, expected):
+    p = dict(n=len(diffs), mean=sum(diffs) / len(diffs), min=min(diffs), max=max(diffs))
+    assert proto.verdict(p) == expected
+    assert proto.verdict(None) == "not run yet"
+
+
+def test_mocked_protocol_runs_every_length_once_and_resumes(proto, compare, tmp_path,
+                                                           monkeypatch, capsys):
+    fake = FakeSteps(compare.EXPORT_NAME)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
+    rescaled = []
+
+    def fake_rescale(src, dst):  # the fake export is an empty file
+        rescaled.append(dst)
+        open(dst, "w").close()
+        return {}
+
+    import montage_pretrain.export as export
+    monkeypatch.setattr(export, "rescale_export", fake_rescale)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--quick", "1", "--arms", "scratch_bn,erf,erf_init",
+            "--seeds", "0,1", "--sweep-seeds", "0",
+            "--train-json", str(data / "train/_annotations.coco.json"),
+            "--train-images", str(data / "train"),
+            "--val-json", str(data / "valid/_annotations.coco.json"),
+            "--val-images", str(data / "valid"), "--name", "mine"]
+    assert proto.main(argv) == 0
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    ft = [r for r in results.values() if r["step"] == "finetune"]
+    # lengths [12, 24]: 3 arms at both for seed 0, 3 arms at 24 for seed 1
+    assert sorted((r["iters"], r["seed"]) for r in ft) == sorted(
+        [(12, 0)] * 3 + [(24, 0)] * 3 + [(24, 1)] * 3)
+    assert len({r["sid"] for r in ft}) == 6  # a length is a setting; seeds share sids
+    pre = [r for r in results.values() if r["step"] == "pretrain"]
+    assert len(pre) == 2  # erf and erf_init share one pre-training per seed, every length
+    init = [r for r in ft if r["arm"] == "erf_init"]
+    assert all(r["weights"].endswith("_init_scale.pkl") for r in init)
+    assert all(r["settings"]["finetune"]["weight_scale"] == "init" for r in init)
+    assert len(set(rescaled)) == 2  # once per seed
+    assert all("SOLVER.CHECKPOINT_PERIOD 200" in r["command"] for r in ft)
+    text = (out / "long_mine_valid.md").read_text()
+    assert "verdict at the longest length (24 it" in text and (out / "long_mine_valid.png").is_file()
+    # FakeSteps: AP = 1 (random init) or 3 (export) + 0.5 * seed + iterations / 1000
+    verdicts = {c[0]: c[1] for c in (
+        [x.strip() for x in line.strip("|").split("|")] for line in text.splitlines()
+        if line.startswith("| erf")) if len(c) == 2}
+    assert verdicts == {"erf": "pays", "erf_init": "pays"}
+
+    fake.calls.clear()
+    assert proto.main(argv) == 0  # all done: nothing runs
+    assert fake.calls == []
+
+    # a run interrupted mid-way resumes from its checkpoint
+    victim = next(r for r in ft if r["arm"] == "scratch_bn" and r["seed"] == 1)
+    del results[next(k for k, r in results.items() if r is not None and r == victim)]
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(victim["run_dir"], "last_checkpoint"), "w") as f:
+        f.write("model_0000019.pth")
+    open(os.path.join(victim["run_dir"], "model_0000019.pth"), "w").close()
+    assert proto.main(argv) == 0
+    assert [c[0] for c in fake.calls] == ["finetune_net.py"]
+    with open(out / "results.json") as f:
+        redone = next(r for r in json.load(f).values() if r["step"] == "finetune"
+                      and r["arm"] == "scratch_bn" and r["seed"] == 1)
+    assert "--resume" in redone["command"] and redone["resumed_from"] == "model_0000019.pth"
+    assert not os.path.exists(os.path.join(victim["run_dir"], "model_0000019.pth"))
