@@ -61,6 +61,8 @@ def parse_args(argv=None):
     r.add_argument("--sweep-seeds", default="0", help="seeds at every length")
     r.add_argument("--lengths", default="auto",
                    help="comma list of fine-tuning iterations, or auto (see the docstring)")
+    r.add_argument("--longest-first", action="store_true",
+                   help="run the longest length first (the decisive one), then the shorter")
     r.add_argument("--epochs", type=float, default=30.0, help="auto: epochs of the longest")
     r.add_argument("--first", type=int, default=200, help="auto: the shortest length")
     r.add_argument("--ft-min-size", type=int, default=None)
@@ -128,9 +130,14 @@ def ims_per_batch(config):
     return cfg.SOLVER.IMS_PER_BATCH
 
 
-def jobs(lengths, seeds, sweep_seeds, arms):
+def jobs(lengths, seeds, sweep_seeds, arms, longest_first=False):
     """(length, seed, arm) in run order: the sweep seeds length by length (every arm at a length
-    before the next), then the other seeds at the longest length."""
+    before the next), then the other seeds at the longest length; ``longest_first``: the
+    longest length of every seed first, then the sweep seeds' shorter lengths, longest first."""
+    if longest_first:
+        out = [(lengths[-1], s, a) for s in sorted(set(sweep_seeds) | set(seeds)) for a in arms]
+        return out + [(n, s, a) for n in reversed(lengths[:-1]) for s in sweep_seeds
+                      for a in arms]
     out = [(n, s, a) for s in sweep_seeds for n in lengths for a in arms]
     out += [(lengths[-1], s, a) for s in seeds if s not in sweep_seeds for a in arms]
     return out
@@ -210,7 +217,8 @@ class Protocol:
         return length * self.batch / self.num_images
 
     def queue(self):
-        return jobs(self.lengths, self.seeds, self.sweep_seeds, self.arms)
+        return jobs(self.lengths, self.seeds, self.sweep_seeds, self.arms,
+                    self.args.longest_first)
 
     def is_done(self, job):
         n, s, a = job

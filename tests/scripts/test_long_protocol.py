@@ -28,6 +28,9 @@ def test_jobs_sweep_every_length_then_the_other_seeds_at_the_longest(proto):
     jobs = proto.jobs([10, 20], seeds=[0, 1, 2], sweep_seeds=[0], arms=["a", "b"])
     assert jobs == [(10, 0, "a"), (10, 0, "b"), (20, 0, "a"), (20, 0, "b"),
                     (20, 1, "a"), (20, 1, "b"), (20, 2, "a"), (20, 2, "b")]
+    first = proto.jobs([10, 20, 40], seeds=[0, 1], sweep_seeds=[0], arms=["a"],
+                       longest_first=True)
+    assert first == [(40, 0, "a"), (40, 1, "a"), (20, 0, "a"), (10, 0, "a")]
 
 
 def test_a_claimed_job_is_skipped_by_another_lane_and_freed_after(proto, tmp_path):
