@@ -745,6 +745,8 @@ class Comparison:
                 with open(last) as f:
                     resumed = f.read().strip()
                 cmd.insert(2, "--resume")
+        if self.p.get("trace_iters"):  # loss and per-stage updates of the first iterations
+            cmd[2:2] = ["--trace-iters", str(self.p["trace_iters"])]
         diverged = None
         try:
             wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)

@@ -70,6 +70,8 @@ def parse_args(argv=None):
     r.add_argument("--clip-grad", type=float, default=5.0)
     r.add_argument("--checkpoint-period", type=int, default=200,
                    help="fine-tuning checkpoint period (resumption), iterations")
+    r.add_argument("--trace-iters", type=int, default=100,
+                   help="finetune_net.py --trace-iters of every fine-tuning (0 = off)")
     r.add_argument("--lanes", type=int, default=1, help="worker processes sharing the queue")
     r.add_argument("--lane-id", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--report-only", action="store_true", help="run nothing, write the report")
@@ -208,7 +210,8 @@ class Protocol:
 
     def plan(self, length):
         return dict(self.base, finetune_iters=length, arms=list(self.arms),
-                    checkpoint_period=self.args.checkpoint_period)
+                    checkpoint_period=self.args.checkpoint_period,
+                    trace_iters=self.args.trace_iters)
 
     def comparison(self, length):
         return C.Comparison(self.plan(length), self.out, self.results, self.save)

@@ -87,6 +87,7 @@ def test_mocked_protocol_runs_every_length_once_and_resumes(proto, compare, tmp_
     assert all(r["settings"]["finetune"]["weight_scale"] == "init" for r in init)
     assert len(set(rescaled)) == 2  # once per seed
     assert all("SOLVER.CHECKPOINT_PERIOD 200" in r["command"] for r in ft)
+    assert all("finetune_net.py --trace-iters 100 " in r["command"] for r in ft)
     text = (out / "long_mine_valid.md").read_text()
     assert "verdict at the longest length (24 it" in text and (out / "long_mine_valid.png").is_file()
     # FakeSteps: AP = 1 (random init) or 3 (export) + 0.5 * seed + iterations / 1000
