@@ -6,6 +6,6 @@ Command line: ``python -m builder build|info|show ...`` (see :mod:`builder.cli`)
 format is defined in :mod:`builder.bank`.
 """
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"  # 1.1: per-chunk and per-crop checksums (builder/bank.py)
 
 __all__ = ["__version__"]

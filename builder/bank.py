@@ -13,7 +13,15 @@ File layout (N samples, C foreground categories)::
     /box          (N, 4) float32      original GT box, x0 y0 x1 y1 in source pixels (negatives:
                                       the sampled background box)
     /crop_box     (N, 4) float32      enlarged box actually cut, x0 y0 x1 y1 in source pixels
+    /crc32        (N,)   uint32       zlib.crc32 of each encoded crop (banks from builder 1.1 on)
     /index/S, /index/T, /index/W      int64 sample indices of each group (ascending)
+
+Integrity (banks from builder 1.1 on): every dataset but ``/crops`` carries HDF5's per-chunk
+Fletcher-32 checksum (HDF5 filters no variable-length data), and ``/crc32`` covers the crop bytes,
+so flipped bytes are reported, never decoded into a garbled crop. Banks of builder 1.0 have
+neither; they stay readable without those checks (``builder info --verify`` says so). Every bank
+is checked when opened: labels in 0..C, groups in 0..2, and each ``/index/G`` listing exactly the
+rows whose ``/group`` is G.
 
 Root attributes::
 
@@ -24,7 +32,7 @@ Root attributes::
     encoding         "jpeg" or "png"
     seed, tool_version, build_args (json), counts (json), created (ISO time)
 
-Conventions of the writer (``python -m builder build``, version 1.0), for readers:
+Conventions of the writer (``python -m builder build``, version 1.1), for readers:
 
 - ``/crops`` holds ordinary JPEG/PNG files of the true colours: PIL decodes them to RGB,
   ``cv2.imdecode`` to BGR (convert with ``cv2.COLOR_BGR2RGB``).
@@ -42,11 +50,12 @@ Conventions of the writer (``python -m builder build``, version 1.0), for reader
   placed_by_pass, shortfall, images_exhausted, exhausted_image_ids (first 20)}, ``problems``
   {kind: count}.
 - The ``format`` attribute is written last, and the file appears under its name only when
-  complete (``os.replace`` of ``NAME.tmp-<pid>-<host>``; builder/writer.py).
+  complete (``os.replace`` of ``NAME.tmp-<pid>-<host>-<token>``; builder/writer.py).
 """
 import json
 import os
 import re
+import zlib
 
 import cv2
 import h5py
@@ -54,7 +63,8 @@ import numpy as np
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "GROUPS", "GROUP_S", "GROUP_T", "GROUP_W",
-    "S_MIN_ASPECT", "S_MAX_ASPECT", "group_of", "BankFormatError", "check_bank", "decode_attr",
+    "S_MIN_ASPECT", "S_MAX_ASPECT", "group_of", "BankFormatError", "check_bank", "check_rows",
+    "decode_attr",
     "open_bank_file", "JSON_ATTRS",
     "SampleBank",
 ]
@@ -168,6 +178,51 @@ def open_bank_file(path):
         raise BankFormatError(f"{path}: {what}; copy it again or {_REBUILD}") from None
 
 
+def _damaged(path, what):
+    return BankFormatError(f"{path}: {what}; the file is damaged, {_REBUILD}")
+
+
+def read_dataset(h5, name, path="<bank>", sel=()):
+    """
+    ``h5[name][sel]``; a chunk that fails its checksum or cannot be read raises
+    :class:`BankFormatError` (one line naming the file, the dataset and the fix) instead of
+    h5py's multi-line text.
+    """
+    try:
+        return h5[name][sel]
+    except (OSError, RuntimeError, KeyError) as e:
+        text = " ".join(str(e).split())
+        if "checksum" in text.lower() or "filter" in text.lower():
+            what = f"/{name} fails its checksum ({text})"
+        else:
+            what = f"/{name} cannot be read ({text})"
+        raise _damaged(path, what) from None
+
+
+def check_rows(path, num_classes, labels, groups, indexes):
+    """
+    Checks what a reader relies on in every row: ``labels`` in 0..C, ``groups`` in 0..2, and
+    ``indexes[g]`` (the ``/index/G`` arrays) listing exactly the rows whose group is g. Raises
+    :class:`BankFormatError` naming the first bad row.
+    """
+    bad = np.flatnonzero((labels < 0) | (labels > num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise _damaged(path, f"/label of row {i} is {int(labels[i])}, outside 0..{num_classes} "
+                             f"({num_classes} categories + background)")
+    bad = np.flatnonzero(groups >= len(GROUPS))
+    if len(bad):
+        i = int(bad[0])
+        raise _damaged(path, f"/group of row {i} is {int(groups[i])}, not 0 (S), 1 (T) or 2 (W)")
+    for g, name in enumerate(GROUPS):
+        want = np.flatnonzero(groups == g)
+        idx = np.asarray(indexes[g], dtype=np.int64)
+        if len(idx) != len(want) or not np.array_equal(idx, want):
+            diff = np.setxor1d(idx, want)
+            row = int(diff[0]) if len(diff) else int(idx[np.flatnonzero(idx != want)[0]])
+            raise _damaged(path, f"/index/{name} disagrees with /group at row {row}")
+
+
 # OpenCV >= 4.10 decodes to RGB directly (same pixels as IMREAD_COLOR + BGR2RGB, one pass less).
 _IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
@@ -186,8 +241,9 @@ class SampleBank:
     dataset object of this process's handle, kept (a lookup by name per crop costs more than
     the read).
 
-    A file that is not a whole bank (not HDF5, truncated, a group index past the last row, a
-    crop that does not decode) raises :class:`BankFormatError`: one line naming the file and
+    A file that is not a whole bank (not HDF5, truncated, a chunk or crop failing its checksum,
+    a label or group out of range, a group index that disagrees with ``/group``, a crop that
+    does not decode) raises :class:`BankFormatError`: one line naming the file and
     the fix, for ``builder info``/``show`` and ``MONTAGE.BANK`` alike.
     """
 
@@ -220,6 +276,10 @@ class SampleBank:
             self._h5 = open_bank_file(self.path)
             self._pid = os.getpid()
             check_bank(self._h5, self.path)
+            if "rows_checked" not in self._cache:  # once per object (forked copies share it)
+                check_rows(self.path, self.num_classes, self.labels, self.groups,
+                           [self.group_indices(g) for g in range(len(GROUPS))])
+                self._cache["rows_checked"] = True
         return self._h5
 
     @property
@@ -279,34 +339,60 @@ class SampleBank:
         ``"image_id"``, ``"index/S"``; ``"crops"`` gives the encoded files as a list of bytes.
         """
         if name == "crops":
-            return [bytes(c) for c in self.crops_dataset[()]]
-        return self.h5[name][()]
+            return [bytes(c) for c in self._read_crops(())]
+        return read_dataset(self.h5, name, self.path)
+
+    def _read_crops(self, sel):
+        try:
+            return self.crops_dataset[sel]
+        except (OSError, RuntimeError) as e:
+            raise _damaged(self.path, f"/crops row {sel} cannot be read "
+                                      f"({' '.join(str(e).split())})") from None
+
+    @property
+    def checksums(self):
+        """np.ndarray or None: (N,) uint32 CRC-32 of each crop; None for a builder 1.0 bank."""
+        return self._cached(
+            "crc32", lambda: read_dataset(self.h5, "crc32", self.path, ()).astype(np.uint32)
+            if "crc32" in self.h5 else None
+        )
 
     def encoded(self, i):
-        """Returns the stored JPEG/PNG bytes of sample ``i`` (np.ndarray of uint8)."""
-        return np.asarray(self.crops_dataset[int(i)], dtype=np.uint8)
+        """
+        Returns the stored JPEG/PNG bytes of sample ``i`` (np.ndarray of uint8), checked against
+        its CRC-32 when the bank has them (:class:`BankFormatError` on a mismatch).
+        """
+        i = int(i)
+        data = np.asarray(self._read_crops(i), dtype=np.uint8)
+        crc = self.checksums
+        if crc is not None and zlib.crc32(data) != int(crc[i]):
+            raise _damaged(self.path, f"crop {i} fails its checksum ({data.size} bytes, crc32 "
+                                      f"{zlib.crc32(data):08x}, stored {int(crc[i]):08x})")
+        return data
 
     @property
     def labels(self):
         """np.ndarray: (N,) int64 labels 0..C."""
-        return self._cached("labels", lambda: self.h5["label"][()].astype(np.int64))
+        return self._cached(
+            "labels", lambda: read_dataset(self.h5, "label", self.path).astype(np.int64))
 
     @property
     def groups(self):
         """np.ndarray: (N,) uint8 group ids, 0 = S, 1 = T, 2 = W."""
-        return self._cached("groups", lambda: self.h5["group"][()])
+        return self._cached("groups", lambda: read_dataset(self.h5, "group", self.path))
 
     @property
     def sizes(self):
         """np.ndarray: (N, 2) int64 stored crop (height, width), pixels."""
-        return self._cached("sizes", lambda: self.h5["size"][()].astype(np.int64))
+        return self._cached(
+            "sizes", lambda: read_dataset(self.h5, "size", self.path).astype(np.int64))
 
     @property
     def box_areas(self):
         """np.ndarray: (N,) float64 area of the original GT box (/box), source pixels^2."""
 
         def read():
-            box = self.h5["box"][()].astype(np.float64)
+            box = read_dataset(self.h5, "box", self.path).astype(np.float64)
             return np.clip(box[:, 2] - box[:, 0], 0, None) * np.clip(box[:, 3] - box[:, 1], 0, None)
 
         return self._cached("box_areas", read)
@@ -322,7 +408,7 @@ class SampleBank:
         name = GROUPS[int(g)]
 
         def read():
-            idx = self.h5[f"index/{name}"][()].astype(np.int64)
+            idx = read_dataset(self.h5, f"index/{name}", self.path).astype(np.int64)
             # A damaged index would otherwise fail later as a bare IndexError (or read garbage).
             if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
                 bad = idx.max() if idx.max() >= len(self) else idx.min()

@@ -21,8 +21,11 @@ consumed in task order (``ProcessPoolExecutor.map``), so the bank does not depen
 
 Failures: the build holds the output's lock (:class:`builder.output_lock.OutputLock`) from its
 existence check to the rename and first removes temp files of dead builds of that output; a
-worker that dies (OOM killer) fails the build at once naming it; SIGTERM is handled like Ctrl-C.
-Each ends with one error line, the temp file removed and any old bank untouched.
+worker that dies (OOM killer) fails the build at once naming it; SIGTERM and SIGHUP are handled
+like Ctrl-C. Each ends with one error line, the temp file removed and any old bank untouched.
+Workers end with the build even when it is killed outright (SIGKILL): each watches the build
+process (:func:`_watch_parent`), and with the workers gone the fork server and the resource
+tracker exit by themselves.
 """
 
 import contextlib
@@ -30,6 +33,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import threading
 import time
@@ -138,10 +142,50 @@ def _tqdm_disable(options):
     return None if options.progress is None else not options.progress
 
 
-def _init_worker():
-    # The parent handles Ctrl-C; one OpenCV thread per worker avoids oversubscribing the cores.
+def _init_worker(build_pid=None):
+    # The parent handles Ctrl-C and a hang-up (sent to the whole process group when a terminal
+    # closes) and then stops the workers; one OpenCV thread per worker avoids oversubscribing
+    # the cores.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cv2.setNumThreads(1)
+    if build_pid is not None:  # None: a pool of another tool (scripts/benchmark.py)
+        _watch_parent(build_pid)
+
+
+def _watch_parent(build_pid, poll_s=0.5):
+    """
+    Ends this worker as soon as the build process ``build_pid`` ends, however it ends (SIGKILL
+    included), from a daemon thread.
+
+    A worker's parent is the fork server, not the build, and the fork server stays up as long as
+    a worker holds its "alive" pipe, so PR_SET_PDEATHSIG or watching ``os.getppid()`` would not
+    see the build die: the worker watches the build itself, through a pidfd (Linux >= 5.3, no pid
+    reuse) or else by polling the pid. With every worker gone the fork server sees its pipe
+    close and exits, and so does the resource tracker.
+    """
+    try:
+        fd = os.pidfd_open(build_pid)
+    except ProcessLookupError:
+        os._exit(1)  # the build is already gone
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch():
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has ended
+        else:
+            while True:
+                try:
+                    os.kill(build_pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="builder-watch-build", daemon=True).start()
 
 
 def _worker_died(processes):
@@ -180,7 +224,8 @@ def _run(tasks, opts, workers):
     ctx.set_forkserver_preload(["builder.extract"])
     # Not multiprocessing.Pool: it replaces a worker killed by the OOM killer and waits forever
     # for the lost task; this pool fails every pending task with BrokenProcessPool instead.
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(os.getpid(),))
     # The pool's live pid -> Process dict (private, so read defensively): the exit code of a
     # dead worker for the message, the workers to stop on an error.
     processes = getattr(pool, "_processes", {})  # the same dict object, filled as they start
@@ -212,27 +257,29 @@ def _run(tasks, opts, workers):
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """
-    Turns the first SIGTERM (``kill PID``, a scheduler's stop) into KeyboardInterrupt, so it
-    cleans up like Ctrl-C: workers stopped, temp file removed, old bank untouched, exit 130.
-    A second SIGTERM kills as usual. Python runs handlers only in the main thread: elsewhere,
-    and where SIGTERM is ignored or handled already, nothing changes.
+    Turns the first SIGTERM (``kill PID``, a scheduler's stop) or SIGHUP (the terminal or ssh
+    session closed) into KeyboardInterrupt, so it cleans up like Ctrl-C: workers stopped, temp
+    file removed, old bank untouched, exit 130. A second such signal kills as usual. Python runs
+    handlers only in the main thread: elsewhere, and for a signal that is ignored or handled
+    already (``nohup`` ignores SIGHUP), nothing changes.
     """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
-    ):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    sigs = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) == signal.SIG_DFL]
 
     def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise KeyboardInterrupt("SIGTERM")
+        for s in sigs:
+            signal.signal(s, signal.SIG_DFL)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, interrupt)
+    for s in sigs:
+        signal.signal(s, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in sigs:
+            signal.signal(s, signal.SIG_DFL)
 
 
 def _plan(dataset, opts, neg_ratio):
@@ -367,7 +414,7 @@ def _counts(dataset, options, tally, problems, num_planned, planned_pos, num_mis
     }
 
 
-def _build(annotations, image_dir, out_path, options, build_args):
+def _build(annotations, image_dir, out_path, options, build_args, lock=None):
     """The build proper, under the output lock; returns the ``counts`` report."""
     dataset = load_coco(annotations, image_dir, options.max_images)
     problems = ProblemLog()
@@ -402,7 +449,7 @@ def _build(annotations, image_dir, out_path, options, build_args):
         raise _strict_error(problems)
     num_missing, tasks = len(tasks) - len(present), present
 
-    with BankWriter(out_path, encoding=options.encoding) as writer:
+    with BankWriter(out_path, encoding=options.encoding, lock=lock) as writer:
         spare = _run_pass(tasks, 0, opts, options, writer, tally, problems)
         for pass_index in range(1, options.max_passes + 1):
             # Make-up pass: spread the remaining shortfall over images with spare room.
@@ -477,7 +524,7 @@ def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
         builder.output_lock.OutputBusyError: another build is writing ``out_path``.
         builder.writer.BankWriteError: the bank could not be written (disk full, ...).
         builder.coco.CocoFormatError: the json is not a usable COCO instances file.
-        KeyboardInterrupt: Ctrl-C or SIGTERM; the temp file is removed.
+        KeyboardInterrupt: Ctrl-C, SIGTERM or SIGHUP; the temp file is removed.
     """
     start = time.perf_counter()
     options = options or BuildOptions()
@@ -490,9 +537,9 @@ def build_bank(annotations, image_dir, out_path, options=None, build_args=None):
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     # The lock spans the existence check to the final rename, so a second build of out_path
     # fails at once naming this one instead of silently replacing (or being replaced by) it.
-    with _sigterm_as_interrupt(), OutputLock(out_path):
-        remove_stale_temps(out_path)
+    with _sigterm_as_interrupt(), OutputLock(out_path) as lock:
+        remove_stale_temps(out_path, lock)
         if os.path.exists(out_path) and not options.overwrite:
             raise BuildError(f"{out_path} already exists; pass --overwrite to replace it")
-        counts = _build(annotations, image_dir, out_path, options, build_args)
+        counts = _build(annotations, image_dir, out_path, options, build_args, lock)
     return {"out": out_path, "seconds": time.perf_counter() - start, "counts": counts}

@@ -4,7 +4,7 @@ Command line of the sample-bank builder::
     python -m builder build --annotations JSON --images DIR --out BANK.h5 [--seed S] [--workers N]
         [--max-images N] [--overwrite] [--strict] [--max-side PX] [--quality Q]
         [--encoding jpeg|png] [--neg-ratio R] [--enlarge LO HI] [--min-size PX]
-    python -m builder info BANK.h5
+    python -m builder info BANK.h5 [--verify]
     python -m builder show BANK.h5 --out GRID.png
 
 Exit status: 0 success, 1 the command failed (message on stderr), 2 bad arguments.
@@ -17,14 +17,15 @@ import sys
 
 from .build import BuildError, BuildOptions, build_bank
 from .coco import CocoFormatError
-from .info import format_summary, ratio_text, summarize_bank
+from .info import format_summary, format_verify, ratio_text, summarize_bank, verify_bank
 from .bank import BankFormatError
 from .show import check_png_path, write_grid
+from .writer import unclosed_files
 
 # Defaults of `build`, declared once in BuildOptions (and extract.DEFAULT_*).
 _D = BuildOptions()
 
-__all__ = ["parse_args", "main"]
+__all__ = ["parse_args", "main", "exit_with"]
 
 logger = logging.getLogger("builder")
 
@@ -141,6 +142,11 @@ def parse_args(argv=None):
     build = _add_build_parser(sub)
     info = sub.add_parser("info", help="print counts, ratio, size histogram and build args")
     info.add_argument("bank", metavar="BANK.h5")
+    info.add_argument(
+        "--verify", action="store_true",
+        help="also read every dataset and decode every crop, checking their checksums; the "
+        "first damaged one is named and the exit status is 1",
+    )
     info.set_defaults(func=_cmd_info)
     show = sub.add_parser("show", help="write a PNG grid of random crops per group")
     show.add_argument("bank", metavar="BANK.h5")
@@ -215,7 +221,9 @@ def _require_bank(path):
 
 def _cmd_info(args):
     _require_bank(args.bank)
-    print(format_summary(summarize_bank(args.bank)))
+    print(format_summary(summarize_bank(args.bank)), flush=True)
+    if args.verify:
+        print(format_verify(args.bank, verify_bank(args.bank)))
     return 0
 
 
@@ -249,3 +257,18 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("builder: interrupted; no output written", file=sys.stderr)
         return 130
+
+
+def exit_with(status):
+    """
+    Ends the process with ``status``. When HDF5 still holds a file open (a temp bank whose close
+    failed after a write error), output is flushed and the process ends with ``os._exit``:
+    HDF5's at-exit cleanup would flush that file through a file object that cannot serve it any
+    more, and could crash (segfault, exit 139) after the one-line error.
+    """
+    if unclosed_files():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -6,11 +6,13 @@ build's own report (``build_args``, ``counts``).
 import json
 import os
 
+import cv2
 import numpy as np
 
-from .bank import GROUPS, SampleBank
+from .bank import GROUPS, BankFormatError, SampleBank, read_dataset
+from .extract import _JPEG_DAMAGE, _stderr_capture
 
-__all__ = ["summarize_bank", "format_summary", "SIZE_BINS"]
+__all__ = ["summarize_bank", "format_summary", "verify_bank", "SIZE_BINS"]
 
 # Histogram bins over the stored crop's longer side, in pixels: (..16], (16..32], ..., (512..).
 # Upper edges are inclusive so crops downscaled to exactly --max-side 256 land in "<=256".
@@ -105,3 +107,55 @@ def format_summary(summary):
     lines.append("build args: " + json.dumps(s["build_args"], sort_keys=True))
     lines.append("counts: " + json.dumps(s["counts"], sort_keys=True))
     return "\n".join(lines)
+
+
+def verify_bank(path):
+    """
+    Reads a whole bank as a reader would, and more: every dataset in full (so every chunk's
+    Fletcher-32 checksum is checked), the rows (:func:`builder.bank.check_rows`, at open), and
+    every crop: its CRC-32 (banks from builder 1.1 on), then a decode, in which libjpeg's
+    warnings about damaged data count as damage too.
+
+    Args:
+        path (str): bank file.
+
+    Returns:
+        dict: ``num_crops`` (int) and ``checksums`` (bool: the bank has per-chunk and per-crop
+        checksums; False for a builder 1.0 bank, where only decoding could be checked).
+
+    Raises:
+        builder.bank.BankFormatError: one line naming the file, the first bad dataset or crop
+            and the fix.
+    """
+    bank = SampleBank(path)
+    try:
+        h5 = bank.h5  # opens and checks the rows
+        names = []
+        h5.visititems(lambda name, obj: names.append(name) if hasattr(obj, "shape") else None)
+        for name in names:
+            if name != "crops":
+                read_dataset(h5, name, path)
+        checksums = bank.checksums is not None
+        for i in range(len(bank)):
+            data = bank.encoded(i)  # CRC-32 checked here
+            img, text = _stderr_capture.call(cv2.imdecode, data, cv2.IMREAD_COLOR)
+            if img is None or any(m in text for m in _JPEG_DAMAGE):
+                said = text.decode("utf-8", "replace").strip().splitlines()
+                said = f": decoder says {said[0].strip()!r}" if said else ""
+                raise BankFormatError(
+                    f"{path}: crop {i} does not decode cleanly ({data.size} bytes{said}); the "
+                    "file is damaged, rebuild it with `python -m builder build ... --overwrite`"
+                )
+    finally:
+        bank.close()
+    return {"num_crops": len(bank), "checksums": checksums}
+
+
+def format_verify(path, result):
+    """The line printed by ``python -m builder info --verify`` for a bank that passed."""
+    if result["checksums"]:
+        return (f"verified {path}: every chunk checksum, {result['num_crops']} crop checksums "
+                "and decodes OK")
+    return (f"verified {path}: {result['num_crops']} crops decode, but the bank has no checksums "
+            "(built by builder 1.0), so flipped bytes elsewhere could go unnoticed; rebuild it "
+            "to add them")

@@ -20,12 +20,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from montage_pretrain import MontageStream, add_montage_config, collate_montages
 from montage_pretrain.config import merge_config_file
+from montage_pretrain.export_format import WeightFileError
+from montage_pretrain.loading import ExportCheckpointer
 
 REGIONS = ("TL (small S)", "TR (W)", "BL (T)", "BR (large S)")
 
@@ -44,7 +45,12 @@ def load_model(run_dir, weights=True, bank=None):
         path = os.path.join(run_dir, "model_final.pth")
         if not os.path.isfile(path):
             raise SystemExit(f"{path}: not found; finish the pre-training run first")
-        DetectionCheckpointer(model).load(path)
+        try:
+            # torch.load(weights_only=True), explicitly: nothing in the file runs, even under
+            # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (Detectron2's checkpointer would unpickle it).
+            ExportCheckpointer(model).load(path)
+        except WeightFileError as e:
+            raise SystemExit(f"visualize_erf.py: {e}") from None
     return cfg, model.eval()
 
 

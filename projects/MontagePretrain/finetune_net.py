@@ -12,8 +12,10 @@ Fine-tunes a stock Detectron2 detector from a Montage backbone export and report
   ResNet shape) before anything is built, then loaded with a check that every backbone tensor
   came from the file. ``--weights-config <export>.pkl.yaml`` merges the export's overrides.
   Weight files are read without running code in them (restricted unpickler for ``.pkl``,
-  ``torch.load(weights_only=True)`` otherwise) and YAML with ``yaml.safe_load``; a refused file
-  ends the run with one line;
+  ``torch.load(weights_only=True)`` otherwise), for ``MODEL.WEIGHTS`` and for the checkpoint
+  ``--resume`` finds in ``OUTPUT_DIR/last_checkpoint`` alike, and YAML with ``yaml.safe_load``;
+  a refused file, or a missing input file, ends the run with one line before OUTPUT_DIR is
+  written to;
 * results: ``OUTPUT_DIR/metrics_final.json`` holds AP, AP50, AP75, APs, APm, APl per task
   (``bbox``, and ``segm`` for Mask R-CNN; NaN is written as null), ``wall_s`` and ``cpu_s``
   (process plus reaped children, e.g. data-loader workers), and the run's settings.
@@ -46,7 +48,14 @@ from montage_pretrain.distributed import cpu_ddp, fit_sync_norms
 from montage_pretrain.evaluation import build_coco_evaluator, format_table, summarize, write_metrics
 from montage_pretrain.export_format import WeightFileError
 from montage_pretrain.handoff_trace import HandoffTrace
-from montage_pretrain.loading import ExportCheckpointer, load_and_verify, read_checked_weights
+from montage_pretrain.loading import (
+    ExportCheckpointer,
+    check_weights_path,
+    load_and_verify,
+    read_checked_weights,
+    use_safe_checkpointer,
+)
+from montage_pretrain.plain_logs import plain_config_logs
 
 logger = logging.getLogger("montage.finetune")
 
@@ -67,6 +76,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with cpu_ddp():  # several CPU processes: DDP without device_ids
             super().__init__(cfg)
+        # --resume reads OUTPUT_DIR/last_checkpoint's file: without running code in it.
+        use_safe_checkpointer(self)
 
     def build_hooks(self):
         hooks = super().build_hooks()
@@ -165,6 +176,8 @@ def setup(args):
     if args.weights_config:
         merge_config_file(cfg, args.weights_config)
     cfg.merge_from_list(args.opts)
+    check_weights_path(cfg.MODEL.WEIGHTS)  # a missing file: one line, before any log is written
+    plain_config_logs()  # log.txt and captured stdout without ANSI colour codes
     # default_setup configures only the detectron2/fvcore loggers; the hand-off logs matter too.
     for name in ("montage_pretrain", "montage"):
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
@@ -187,17 +200,27 @@ def _cpu_seconds():
 
 
 def main(args):
-    """Runs :func:`run`; a refused config or weight file ends it with its one-line message."""
+    """
+    Runs :func:`run`; a refused config or weight file, or a missing input file named on the
+    command line, ends it with its one-line message.
+    """
     try:
         return run(args)
-    except (ConfigFileError, WeightFileError) as e:
+    except (ConfigFileError, WeightFileError, _InputError) as e:
         raise SystemExit(f"finetune_net.py: {e}") from None
+
+
+class _InputError(Exception):
+    """A known user error found by :func:`setup` (missing file, bad flag): one line."""
 
 
 def run(args):
     """Trains (unless --eval-only), evaluates and writes metrics_final.json."""
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
-    cfg = setup(args)
+    try:
+        cfg = setup(args)
+    except (FileNotFoundError, ValueError) as e:  # messages name the input and the fix
+        raise _InputError(str(e)) from None
     extra = {}
     if args.eval_only:
         model = Trainer.build_model(cfg)

@@ -9,6 +9,12 @@ Several machines: add ``--num-machines M --machine-rank R --dist-url tcp://HOST:
 Without CUDA, ``--num-gpus N`` starts N CPU processes (gloo); SyncBN becomes naiveSyncBN there.
 At the end of training the backbone is exported to ``OUTPUT_DIR/MONTAGE.EXPORT_NAME`` for
 ``MODEL.WEIGHTS`` of stock Detectron2 detection configs.
+
+Weight files (``MODEL.WEIGHTS``, and the checkpoint ``--resume`` finds in
+``OUTPUT_DIR/last_checkpoint``) are read without running code in them (restricted unpickler for
+``.pkl``, ``torch.load(weights_only=True)`` otherwise). The inputs a user names (the config, the
+bank, the weights) are checked before anything is written to OUTPUT_DIR, and a refused one ends
+the run with one line.
 """
 import os
 
@@ -26,8 +32,12 @@ from montage_pretrain import (
     assert_montage_cfg,
     build_montage_train_loader,
 )
-from montage_pretrain.config import ConfigFileError, merge_config_file
+from builder.bank import BankFormatError, SampleBank
+from montage_pretrain.config import merge_config_file
 from montage_pretrain.distributed import cpu_ddp, fit_sync_norms
+from montage_pretrain.export_format import WeightFileError
+from montage_pretrain.loading import check_weights_path, use_safe_checkpointer
+from montage_pretrain.plain_logs import plain_config_logs
 
 
 class Trainer(DefaultTrainer):
@@ -36,6 +46,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with cpu_ddp():  # several CPU processes: DDP without device_ids
             super().__init__(cfg)
+        # MODEL.WEIGHTS and --resume: read without running code in the file.
+        use_safe_checkpointer(self)
         if cfg.SOLVER.AMP.ENABLED:
             self._trainer.precision = getattr(torch, cfg.MONTAGE.AMP_DTYPE)
             if self._trainer.precision == torch.bfloat16:
@@ -60,12 +72,31 @@ class Trainer(DefaultTrainer):
         return ret
 
 
+def check_inputs(cfg):
+    """
+    Checks the files a user names before anything is written to OUTPUT_DIR (a failed start must
+    not replace the ``config.yaml`` of a finished run): the bank opens as a sample bank
+    (:class:`~builder.bank.SampleBank`: format, label and group ranges), ``MODEL.WEIGHTS``
+    exists. Raises ValueError or FileNotFoundError with a one-line message.
+    """
+    if not cfg.MONTAGE.BANK:
+        raise ValueError("MONTAGE.BANK is empty: pass MONTAGE.BANK path/to/bank.h5 (make samples)")
+    bank = SampleBank(cfg.MONTAGE.BANK)
+    try:
+        bank.num_classes  # opens and checks the file
+    finally:
+        bank.close()
+    check_weights_path(cfg.MODEL.WEIGHTS)
+
+
 def setup(args):
     """Creates the config: defaults -> cfg.MONTAGE -> file -> command line -> checks."""
     cfg = get_cfg()
     add_montage_config(cfg)
     merge_config_file(cfg, args.config_file)  # plain YAML only: a config file runs no code
     cfg.merge_from_list(args.opts)
+    check_inputs(cfg)  # before the first file is written
+    plain_config_logs()  # log.txt and captured stdout without ANSI colour codes
     # default_setup only sets up the detectron2 and fvcore loggers; ours report the config
     # adaptations below, ERF refreshes, group fallbacks and the export.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="montage_pretrain")
@@ -76,16 +107,31 @@ def setup(args):
     return cfg
 
 
+def _last_line(error):
+    """A worker's error arrives as "Caught X in DataLoader worker ...\nOriginal Traceback ...":
+    its own message is the last line."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def main(args):
     try:
+        # A refused config, bank or weight path (ValueError subclasses: ConfigFileError,
+        # BankFormatError, WeightFileError; assert_montage_cfg's) or a missing file: one line.
         cfg = setup(args)
-    except ConfigFileError as e:  # a refused config: its one-line message, no traceback
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"train_net.py: {e}") from None
     if args.eval_only:
         raise SystemExit("--eval-only: pre-training has no evaluation; fine-tune the export instead")
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    try:
+        trainer.resume_or_load(resume=args.resume)
+    except WeightFileError as e:  # MODEL.WEIGHTS or the --resume checkpoint refused
+        raise SystemExit(f"train_net.py: {e}") from None
+    try:
+        return trainer.train()
+    except BankFormatError as e:  # a damaged crop met during training
+        raise SystemExit(f"train_net.py: {_last_line(e)}") from None
 
 
 def invoke_main():

@@ -60,11 +60,13 @@ def _dataset(tmp_path, num_images=6, size=(200, 160)):
 
 
 def _child_setup(fsize_limit=None):
-    """preexec_fn: default SIGINT/SIGTERM (a background pytest may ignore them), optional limit."""
+    """preexec_fn: default SIGINT/SIGTERM/SIGHUP (a background pytest may ignore them), optional
+    limit."""
 
     def setup():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         if fsize_limit is not None:
             # Writes past the limit fail with EFBIG instead of raising SIGXFSZ.
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

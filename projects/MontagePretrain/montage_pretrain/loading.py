@@ -14,7 +14,10 @@ from that in-memory copy instead of unpickling the file again.
 Detectron2 reads a ``.pkl`` with plain ``pickle.load``, which runs whatever code the file names;
 :class:`ExportCheckpointer` reads every ``.pkl`` with the restricted reader of
 :func:`~montage_pretrain.export_format.read_export` and every other file with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``, passed explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+cannot turn it off. :func:`use_safe_checkpointer` puts one in place of a trainer's own, so that
+``MODEL.WEIGHTS`` and ``--resume`` (``OUTPUT_DIR/last_checkpoint`` may name any file) are read
+the same way.
 """
 import logging
 import os
@@ -36,8 +39,10 @@ from .export_format import (
 
 __all__ = [
     "read_checked_weights",
+    "check_weights_path",
     "torch_load_weights_only",
     "ExportCheckpointer",
+    "use_safe_checkpointer",
     "backbone_keys",
     "load_and_verify",
 ]
@@ -68,16 +73,24 @@ def read_checked_weights(cfg):
             "diverges from random init. Pass MODEL.WEIGHTS <export.pkl>, or use a scratch config "
             "(MODEL.RESNETS.NORM GN or BN, MODEL.BACKBONE.FREEZE_AT 0)."
         )
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"MODEL.WEIGHTS {weights} does not exist; export the pre-trained backbone first "
-            "(python -m montage_pretrain.export ...) or pass MODEL.WEIGHTS <path>."
-        )
+    check_weights_path(weights)
     if not (weights.endswith(".pkl") and os.path.isfile(weights)):
         return None
     export = read_export(weights)
     check_export_settings(cfg, export)
     return export
+
+
+def check_weights_path(weights):
+    """
+    Raises FileNotFoundError (one line, with the fix) when ``weights`` names a local file that
+    does not exist; URLs and ``""`` pass. Cheap: entry points call it before writing anything.
+    """
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"MODEL.WEIGHTS {weights} does not exist; export the pre-trained backbone first "
+            "(python -m montage_pretrain.export ...) or pass MODEL.WEIGHTS <path>."
+        )
 
 
 def _torch_load_reason(error):
@@ -167,6 +180,15 @@ class ExportCheckpointer(DetectionCheckpointer):
         if filename.endswith(".pkl"):
             # DetectionCheckpointer would pickle.load it; read_export makes the same dict of it.
             return read_export(filename).checkpoint
+        if filename.endswith(".pyth"):
+            # pycls checkpoints: DetectionCheckpointer reads them with a bare torch.load.
+            data = self._torch_load(filename)
+            if not isinstance(data, dict) or "model_state" not in data:
+                raise WeightFileError(f"{filename}: a .pyth (pycls) checkpoint holds "
+                                      "'model_state'; this one does not. Fix: pass the right file.")
+            state = {k: v for k, v in data["model_state"].items()
+                     if not k.endswith("num_batches_tracked")}
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         return super()._load_file(filename)
 
     def _torch_load(self, f):
@@ -192,6 +214,27 @@ class ExportCheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)
         self.skipped_shapes = tuple(k for k, _, _ in incompatible.incorrect_shapes)
         return incompatible
+
+
+def use_safe_checkpointer(trainer):
+    """
+    Replaces a Detectron2 ``DefaultTrainer``'s checkpointer (and the periodic checkpointer hook's)
+    by an :class:`ExportCheckpointer` with the same model, folder and checkpointables: loading
+    ``MODEL.WEIGHTS`` or resuming from ``OUTPUT_DIR/last_checkpoint`` then runs no code from the
+    file (Detectron2's own would ``pickle.load`` a ``.pkl`` and, under
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``, fully unpickle a ``.pth``). Saving is unchanged.
+
+    Returns:
+        ExportCheckpointer: the new ``trainer.checkpointer``.
+    """
+    old = trainer.checkpointer
+    new = ExportCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
+                             **old.checkpointables)
+    trainer.checkpointer = new
+    for hook in getattr(trainer, "_hooks", []):
+        if getattr(hook, "checkpointer", None) is old:
+            hook.checkpointer = new
+    return new
 
 
 def _describe(keys, limit=12):
