@@ -85,8 +85,11 @@ NORM_ARMS = ("scratch_bn", "erf_gn", "erf_frozenbn")
 # Beyond the paper: the pyramid pre-trained too (issue: FPN pre-training).
 # erf_fpn_levels: the same with one 1x1 classifier per level instead of one shared by all levels.
 PYRAMID_ARMS = ("erf_fpn", "erf_fpn_levels")
-# erf's export with every BN-followed conv filter rescaled to its init norm, BN statistics with it
-# (output-invariant: montage_pretrain/weight_scale.py), into erf's two detectors (issue 20).
+# Pre-trainings here export as trained (MONTAGE.EXPORT_WEIGHT_SCALE trained), so the records of
+# every other arm keep their meaning. These arms fine-tune what train_net.py now exports by
+# default: erf's export with every BN-followed conv filter rescaled to its init norm, BN
+# statistics with it (output-invariant: montage_pretrain/weight_scale.py), into erf's two
+# detectors (issue 20).
 SCALE_ARMS = ("erf_init", "erf_frozenbn_init")
 ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS + SCALE_ARMS
 ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS + SCALE_ARMS
@@ -656,6 +659,9 @@ class Comparison:
                "SOLVER.CHECKPOINT_PERIOD", str(10 ** 7),
                "MONTAGE.ERF_PERIOD", str(settings["erf_period"]),
                "SEED", str(seed), "OUTPUT_DIR", d] + settings.get("opts", []) + self.pinned
+        # The export as trained: what every pre-training record holds (the sid predates the
+        # init-scale default); arms with a weight_scale derive theirs from it (export_for).
+        cmd += ["MONTAGE.EXPORT_WEIGHT_SCALE", "trained"]
         wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
         rec = self._record(arm, seed, "pretrain", sid, settings, cmd, wall, cpu, d,
                            export=os.path.join(d, EXPORT_NAME),

@@ -241,8 +241,9 @@ def test_cli_from_trainer_checkpoint(tmp_path):
                ckpt)
     out = tmp_path / "out" / default_export_name()
     summary = main(["--config-file", str(config_file), "--checkpoint", str(ckpt),
-                    "--out", str(out)])
+                    "--out", str(out), "--weight-scale", "trained"])
     assert summary["settings"]["iteration"] == 399
+    assert summary["settings"]["weight_scale"] == "trained"
     with open(out, "rb") as f:
         data = pickle.load(f)
     np.testing.assert_array_equal(

@@ -19,7 +19,7 @@ from montage_pretrain import MontageFPNClassifier, MontageStream, add_montage_co
 from montage_pretrain import collate_montages
 from montage_pretrain.config import merge_config_file
 from montage_pretrain.erf import compute_erf_maps, compute_erf_region_mass, pack_levels
-from montage_pretrain.export import export_backbone
+from montage_pretrain.export import FOLDABLE_NORMS, export_backbone
 from montage_pretrain.export import main as export_main
 from montage_pretrain.export_format import PYRAMID_SETTING_KEYS, read_export
 from montage_pretrain.loading import load_and_verify, read_checked_weights
@@ -192,7 +192,9 @@ def test_erf_level_budget_caps_montages_per_level(bank_path):
 # ---------------------------------------------------------------------------------------------
 def test_loss_is_the_level_weighted_mean_of_region_means(bank_path):
     torch.manual_seed(0)
-    model = build_model(fpn_cfg(bank_path, "MONTAGE.FPN.LEVEL_WEIGHTS", "[1.0, 0.0, 0.0, 3.0]",
+    # weights summing to 3, not to the number of levels (4): a mean over levels that divides by
+    # the count instead of the weights' sum fails here
+    model = build_model(fpn_cfg(bank_path, "MONTAGE.FPN.LEVEL_WEIGHTS", "[1.0, 0.0, 0.0, 2.0]",
                                 "MONTAGE.FPN.SHARED_HEAD", "False")).train()
     assert set(model.heads) == set(LEVELS) and not hasattr(model, "head")
     model.aug = dict(flip=False, scale_jitter=(1.0, 1.0), color_jitter=0.0)  # deterministic
@@ -207,7 +209,7 @@ def test_loss_is_the_level_weighted_mean_of_region_means(bank_path):
         per_level = {k: erf_dense_loss(logits[k], batch["labels"],
                                        model.level_view(model.erf_weights, k),
                                        model.level_view(model.region_map, k)) for k in LEVELS}
-    torch.testing.assert_close(loss.detach(), (per_level["p2"] + 3 * per_level["p5"]) / 4)
+    torch.testing.assert_close(loss.detach(), (per_level["p2"] + 2 * per_level["p5"]) / 3)
 
 
 @pytest.mark.parametrize("loss", ["erf", "blockwise"])
@@ -253,7 +255,8 @@ def test_p6_is_optional_from_128_px(bank_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def r50_pyramid_export(tmp_path_factory):
-    cfg = fpn_cfg("", "MODEL.RESNETS.NORM", "BN", config=R50_FPN, size=224)
+    # one process: BN for the config's SyncBN (as assert_montage_cfg does)
+    cfg = fpn_cfg("", "MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN", config=R50_FPN, size=224)
     path = tmp_path_factory.mktemp("pyramid") / "montage_backbone.pkl"
     summary, model = pyramid_export(cfg, path)
     return str(path), summary, model
@@ -270,8 +273,14 @@ def test_pyramid_export_records_the_fpn_and_its_tensors(r50_pyramid_export):
     assert fpn == sorted(f"fpn_{kind}{s}.{p}" for kind in ("lateral", "output")
                          for s in range(2, 6) for p in ("weight", "bias"))
     assert summary["num_tensors"] == 265 + FPN_TENSORS and summary["num_pyramid_tensors"] == 16
-    assert (export.weights["fpn_output3.weight"]
-            == model.backbone.fpn_output3.weight.detach().numpy()).all()
+    # the pre-training's FPN BN is folded into the convs
+    assert settings["MONTAGE.FPN.FOLDED_NORM"] == "BN"
+    conv, bn = model.backbone.fpn_output3, model.backbone.fpn_output3.norm
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    torch.testing.assert_close(torch.as_tensor(export.weights["fpn_output3.weight"]),
+                               conv.weight.detach() * scale.view(-1, 1, 1, 1))
+    torch.testing.assert_close(torch.as_tensor(export.weights["fpn_output3.bias"]),
+                               (bn.bias - bn.running_mean * scale).detach())
     assert "FPN:\n    IN_FEATURES:" in open(path + ".yaml").read()
 
 
@@ -285,9 +294,20 @@ def test_pyramid_export_fills_every_fpn_key_of_stock_detectors(r50_pyramid_expor
     assert summary["pyramid"] and not summary["not_loaded"]
     assert summary["loaded"] == summary["total"] == 265 + FPN_TENSORS
     state = model.backbone.state_dict()
-    fpn = [k for k in state if k.startswith("fpn_")]
-    assert len(fpn) == FPN_TENSORS
-    assert all(torch.equal(state[k], pre.backbone.state_dict()[k]) for k in fpn)
+    assert len([k for k in state if k.startswith("fpn_")]) == FPN_TENSORS
+    assert_same_pyramid(pre.backbone, model.backbone)
+
+
+def assert_same_pyramid(pre, det, size=64):
+    """The detector's FPN (no norm, folded weights) computes what the pre-training's FPN with BN
+    computed in eval mode, on every level."""
+    pre, det = pre.eval(), det.eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = pre(x), det(x)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
 
 
 def test_pyramid_export_into_c4_loads_the_backbone_only(r50_pyramid_export):
@@ -385,8 +405,11 @@ def test_train_net_pretrains_refreshes_checkpoints_and_exports_the_pyramid(
     assert summary["loaded"] == summary["total"] == 100 + FPN_TENSORS and summary["pyramid"]
     state = model.state_dict()
     assert all(torch.equal(state[k], final[k]) for k in state
-               if k.startswith(("backbone.fpn_", "backbone.bottom_up.res5.0.conv1"))
+               if k.startswith("backbone.bottom_up.res5.0.conv1")
                and not k.endswith("num_batches_tracked"))
+    pre = build_model(fpn_cfg(bank_path, config=str(out / "config.yaml")))
+    pre.load_state_dict(final)
+    assert_same_pyramid(pre.backbone, model.backbone)
 
 
 def test_benchmark_pyramid_ratio(load_module, tmp_path, capsys):
@@ -416,6 +439,10 @@ def test_pyramid_configs_copy_the_detectors_fpn_and_the_backbone_twins_schedule(
     pre, det, base = load(pretrain), load(detector), load(twin)
     for key in PYRAMID_SETTING_KEYS:
         name = key.split(".")[-1]
+        if name == "NORM":  # trained with a BN, folded at export into the stock no-norm FPN
+            assert pre.MODEL.FPN.NORM in FOLDABLE_NORMS and pre.MONTAGE.FPN.FOLD_NORM
+            assert det.MODEL.FPN.NORM == ""
+            continue
         assert pre.MODEL.FPN[name] == det.MODEL.FPN[name], key
     assert list(pre.MODEL.RESNETS.OUT_FEATURES) == list(det.MODEL.FPN.IN_FEATURES)
     for key in ("SOLVER", "INPUT", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.NORM",

@@ -136,3 +136,25 @@ def test_rescale_export_writes_an_export_that_loads(export_path, tmp_path):
     w = out.weights["res3.0.conv1.weight"]
     np.testing.assert_allclose(filter_norms(w), init_filter_norm(w.shape), rtol=1e-5)
     assert (tmp_path / "init.pkl.yaml").is_file()
+
+
+def test_export_is_at_init_scale_by_default_and_as_trained_on_request(tmp_path):
+    from montage_pretrain.export import export_backbone
+
+    from tests.conftest import _r18_pretrain_cfg as cfg_of
+
+    model = nn.Module()
+    model.backbone = backbone()
+    with torch.no_grad():
+        model.backbone.stem.conv1.weight.mul_(9.0)
+        model.backbone.stem.conv1.norm.running_var.mul_(81.0)
+    cfg = cfg_of("BN")
+    default = read_export(export_backbone(model, cfg, str(tmp_path / "a.pkl"))["path"])
+    assert default.settings["weight_scale"] == "init"
+    w = default.weights["stem.conv1.weight"]
+    np.testing.assert_allclose(filter_norms(w), init_filter_norm(w.shape), rtol=1e-5)
+    cfg.MONTAGE.EXPORT_WEIGHT_SCALE = "trained"
+    trained = read_export(export_backbone(model, cfg, str(tmp_path / "b.pkl"))["path"])
+    assert trained.settings["weight_scale"] == "trained"
+    np.testing.assert_array_equal(trained.weights["stem.conv1.weight"],
+                                  model.backbone.stem.conv1.weight.detach().numpy())

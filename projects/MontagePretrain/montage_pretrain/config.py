@@ -47,6 +47,14 @@ def add_montage_config(cfg):
     _C.MONTAGE.ERF_CHUNK = 64
     # Convert the model and the montages to channels_last memory format (helps on CUDA + AMP).
     _C.MONTAGE.CHANNELS_LAST = False
+    # Loader batches: True = packed (the crops' pixels back to back + offsets/sizes: only the
+    # pixels are pinned and copied to the device, which rebuilds the padded crops); False =
+    # padded to the batch's largest crop on the host (~9x the pixels on COCO-like banks).
+    _C.MONTAGE.PACKED_CROPS = True
+    # Iterations between the training monitors (montage/* scalars such as montage/crop_acc, and
+    # Detectron2's loss metrics): each reading waits for the device, so the steps in between
+    # never do. 1 = every iteration.
+    _C.MONTAGE.LOG_PERIOD = 20
     # Rule when a group (S/T/W) has too few crops to sample from: "nearest" draws from the
     # nearest non-empty group by aspect (T->S->W) and cover-crops into the region.
     _C.MONTAGE.GROUP_FALLBACK = "nearest"
@@ -74,6 +82,12 @@ def add_montage_config(cfg):
 
     # Export written at the end of training (and by `python -m montage_pretrain.export`).
     _C.MONTAGE.EXPORT_NAME = "montage_backbone.pkl"
+    # Scale of the exported BN-followed conv filters: "init" rescales each filter to the norm of
+    # Detectron2's init and its BN statistics with it (the same outputs under BN and FrozenBN,
+    # but fine-tuning then moves those layers at random init's effective step lr / |w|^2; a hot
+    # pre-training inflates them up to 9-25x, which made fine-tuning leave them nearly frozen:
+    # montage_pretrain/weight_scale.py, issue 20); "trained" exports them as trained.
+    _C.MONTAGE.EXPORT_WEIGHT_SCALE = "init"
 
     # Pyramid pre-training (beyond the paper): MODEL.META_ARCHITECTURE "MontageFPNClassifier" with
     # an FPN MODEL.BACKBONE.NAME (build_resnet_fpn_backbone, ...; MODEL.FPN.* as the detector's).
@@ -92,6 +106,12 @@ def add_montage_config(cfg):
     # montage, so a level of P_l positions averages over min(ERF_NUM_IMAGES, max(1,
     # ERF_LEVEL_BUDGET // P_l)) of the montages. 0 = every level uses all ERF_NUM_IMAGES.
     _C.MONTAGE.FPN.ERF_LEVEL_BUDGET = 0
+    # A BN-family MODEL.FPN.NORM of pre-training is folded into the FPN convs' weights and biases
+    # at export (eval statistics), so that stock FPN detectors (MODEL.FPN.NORM "") load the
+    # pyramid and compute what it computed. An unnormalised pyramid diverged within 10
+    # iterations at 512 montages and the paper's LR 0.8 (issue 21; project README, "Pyramid
+    # pre-training"); a normalised one trains there.
+    _C.MONTAGE.FPN.FOLD_NORM = True
 
 
 # SOLVER.BASE_LR per montage of the batch: the paper's 0.8 for 512 montages.
@@ -118,6 +138,9 @@ def assert_montage_cfg(cfg, world_size=1):
         raise ValueError(f"MONTAGE.LOSS={m.LOSS!r}: use erf, blockwise, global or single")
     if not 0.0 <= m.TAU <= 1.0:
         raise ValueError(f"MONTAGE.TAU={m.TAU}: must lie in [0, 1] (the paper uses 0.7)")
+    if int(m.LOG_PERIOD) < 1:
+        raise ValueError(f"MONTAGE.LOG_PERIOD={m.LOG_PERIOD}: use >= 1 (iterations between the "
+                         "training monitors; 20 is the default)")
     MontageTemplate.from_config(cfg)  # checks MONTAGE.SPLIT against MONTAGE.INPUT_SIZE
     if cfg.INPUT.FORMAT != "RGB":
         # The bank decodes crops to RGB (SampleBank.decode) and the export records INPUT.FORMAT
@@ -126,6 +149,9 @@ def assert_montage_cfg(cfg, world_size=1):
             f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: Montage pre-training feeds RGB crops; set "
             "INPUT.FORMAT RGB (with MODEL.PIXEL_MEAN/STD in RGB order, configs/Base-RGB.yaml)"
         )
+    if m.EXPORT_WEIGHT_SCALE not in ("init", "trained"):
+        raise ValueError(f"MONTAGE.EXPORT_WEIGHT_SCALE={m.EXPORT_WEIGHT_SCALE!r}: use init (the "
+                         "default) or trained")
     if not m.BANK:
         raise ValueError("MONTAGE.BANK is empty: pass MONTAGE.BANK path/to/bank.h5 (make samples)")
     if cfg.SOLVER.IMS_PER_BATCH % world_size:
@@ -159,6 +185,17 @@ def assert_montage_cfg(cfg, world_size=1):
     if norm in ("SyncBN", "naiveSyncBN") and world_size == 1:
         logger.warning("MODEL.RESNETS.NORM=%s on one process: using plain BN", cfg.MODEL.RESNETS.NORM)
         cfg.MODEL.RESNETS.NORM = "BN"
+    if cfg.MODEL.META_ARCHITECTURE == "MontageFPNClassifier":
+        fpn_norm = cfg.MODEL.FPN.NORM
+        if fpn_norm in ("SyncBN", "naiveSyncBN") and world_size == 1:
+            logger.warning("MODEL.FPN.NORM=%s on one process: using plain BN", fpn_norm)
+            cfg.MODEL.FPN.NORM = "BN"
+        elif not fpn_norm:
+            logger.warning(
+                "MODEL.FPN.NORM is empty: the pyramid and head train unnormalised at the "
+                "backbone's LR (%g), which diverged within 10 iterations at 512 montages and LR "
+                "0.8; use BN (folded into the export, which stock FPN detectors load)",
+                cfg.SOLVER.BASE_LR)
     if not torch.cuda.is_available():
         if cfg.MODEL.DEVICE.startswith("cuda"):
             logger.warning("CUDA is not available: MODEL.DEVICE=cpu")

@@ -54,6 +54,7 @@ __all__ = [
     "expected_backbone_shapes",
     "check_checkpoint_fits_cfg",
     "rescale_export",
+    "fold_pyramid_norms",
     "parse_args",
     "main",
 ]
@@ -165,6 +166,46 @@ def _check_stages(weights):
             )
 
 
+# BN-family norms a pyramid's convs can be folded into (eval mode: an affine map per channel).
+FOLDABLE_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN")
+
+
+def fold_pyramid_norms(weights, eps=1e-5):
+    """
+    Folds each FPN conv's BN (eval statistics) into the conv: ``w' = w * g / sqrt(var + eps)``
+    per output channel, ``b' = beta + (b - mean) * g / sqrt(var + eps)``; the ``.norm.*`` tensors
+    are removed. The folded conv computes what conv + BN computed in eval mode.
+
+    Args:
+        weights (OrderedDict[str, np.ndarray]): bare-name export weights (``fpn_lateral2.weight``,
+            ``fpn_lateral2.norm.running_var``, ...); the ResNet's own norms are left alone.
+        eps (float): the BN's eps (1e-5 for Detectron2's BN, SyncBN and naiveSyncBN).
+    Returns:
+        tuple(OrderedDict, int): the new weights (same order, norms dropped) and how many convs
+        were folded.
+    """
+    out, folded = OrderedDict(), 0
+    norms = [k[: -len(".norm.running_var")] for k in weights
+             if k.startswith(PYRAMID_PREFIXES) and k.endswith(".norm.running_var")]
+    for name, value in weights.items():
+        if any(name.startswith(p + ".norm.") for p in norms):
+            continue
+        out[name] = value
+    for p in norms:
+        w = np.asarray(weights[f"{p}.weight"], dtype=np.float64)
+        g = np.asarray(weights[f"{p}.norm.weight"], dtype=np.float64)
+        beta = np.asarray(weights[f"{p}.norm.bias"], dtype=np.float64)
+        mean = np.asarray(weights[f"{p}.norm.running_mean"], dtype=np.float64)
+        var = np.asarray(weights[f"{p}.norm.running_var"], dtype=np.float64)
+        bias = np.asarray(weights.get(f"{p}.bias", np.zeros_like(mean)), dtype=np.float64)
+        scale = g / np.sqrt(var + eps)
+        dtype = weights[f"{p}.weight"].dtype
+        out[f"{p}.weight"] = (w * scale.reshape(-1, 1, 1, 1)).astype(dtype)
+        out[f"{p}.bias"] = (beta + (bias - mean) * scale).astype(dtype)
+        folded += 1
+    return out, folded
+
+
 def export_backbone(model_or_state_dict, cfg, path, iteration=None):
     """
     Writes the backbone of a pre-training model as a Detectron2 ``.pkl`` and ``<path>.yaml``.
@@ -198,6 +239,21 @@ def export_backbone(model_or_state_dict, cfg, path, iteration=None):
             freeze_at,
         )
     settings = export_settings(cfg, iteration)
+    scale = cfg.MONTAGE.get("EXPORT_WEIGHT_SCALE", "init")
+    if scale == "init":
+        weights, rescaled = reset_to_init_scale(weights)
+        logger.info("Rescaled %d BN-followed convs to their init filter norm (scales %.3g..%.3g; "
+                    "MONTAGE.EXPORT_WEIGHT_SCALE init: same outputs)", rescaled["convs"],
+                    rescaled["scale_min"], rescaled["scale_max"])
+    settings["weight_scale"] = scale
+    if is_pyramid_cfg(cfg) and cfg.MONTAGE.FPN.get("FOLD_NORM", True) and \
+            settings.get("MODEL.FPN.NORM") in FOLDABLE_NORMS:
+        weights, folded = fold_pyramid_norms(weights)
+        # The pyramid now has plain convs with biases: what stock FPN detectors (NORM "") build.
+        settings["MONTAGE.FPN.FOLDED_NORM"] = settings["MODEL.FPN.NORM"]
+        settings["MODEL.FPN.NORM"] = ""
+        logger.info("Folded the %s of %d FPN convs into their weights and biases",
+                    settings["MONTAGE.FPN.FOLDED_NORM"], folded)
     data = {
         "model": weights,
         "__author__": AUTHOR,
@@ -387,6 +443,10 @@ def parse_args(argv=None):
         help="fully unpickle a checkpoint that torch.load(weights_only=True) refuses; this can "
         "run code from the file: only for files you trust",
     )
+    parser.add_argument(
+        "--weight-scale", choices=("init", "trained"), default=None,
+        help="MONTAGE.EXPORT_WEIGHT_SCALE for this export (default: the config's)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every name mapping")
     return parser.parse_args(argv)
 
@@ -402,6 +462,9 @@ def main(argv=None):
         raise SystemExit(f"--out must end with .pkl (Detectron2 reads .pkl as numpy): {args.out}")
     try:
         cfg = _load_cfg(args.config_file)
+        if args.weight_scale:
+            cfg.defrost()
+            cfg.MONTAGE.EXPORT_WEIGHT_SCALE = args.weight_scale
         state_dict, iteration = _load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
         check_checkpoint_fits_cfg(state_dict, cfg, args.checkpoint)
     except (FileNotFoundError, ValueError) as e:  # one-line input problems, refused files
