@@ -48,7 +48,7 @@ COMPARE_WORKERS ?= 1#                               compare: DATALOADER.NUM_WORK
 COMPARE_OUT ?= output/compare#                      compare: results.json, table.md, charts, runs; shareable by processes
 _CMP_BY_PATH = $(filter-out file default undefined,$(foreach v,DATA_ROOT TRAIN_JSON TRAIN_IMAGES VAL_JSON VAL_IMAGES,$(origin $(v))))
 
-.PHONY: help setup test toy samples pretrain finetune demo bench bench-gpu gpu-kit compare clean
+.PHONY: help setup test toy samples pretrain finetune demo bench bench-stability bench-gpu gpu-kit compare clean
 
 help: ## list targets and variables
 	@echo "Targets:"; grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sed 's/^/  /'
@@ -98,6 +98,10 @@ demo: setup ## toy data -> samples -> pretrain -> finetune (Montage and scratch)
 bench: setup ## CPU benchmarks: builder vs decode floor, host data path, step (ERF vs global), loader
 	$(PY) scripts/benchmark.py --task builder,host,step,loader \
 	    --size $(if $(filter 1,$(QUICK)),tiny,small) --json output/bench/cpu.jsonl
+
+bench-stability: setup ## every shipped pre-training config at 512 montages and its LR: finite losses? (CPU: ~30 min)
+	$(PY) scripts/benchmark.py --task stability --size $(if $(filter 1,$(QUICK)),tiny,small) \
+	    --json output/bench/stability.jsonl
 
 bench-gpu: setup ## full-size model / step / loader throughput on the current CUDA device
 	$(PY) scripts/benchmark.py --task host,model,step,loader --size full \

@@ -2,7 +2,7 @@
 """
 Benchmarks of Montage pre-training, in the shape of Detectron2's tools/benchmark.py.
 
-    python scripts/benchmark.py --task builder,host,model,step,pyramid,loader
+    python scripts/benchmark.py --task builder,host,model,step,pyramid,loader,stability
         [--size tiny|small|full] [--quick] [--config-file CFG.yaml] [--pyramid-config CFG.yaml]
         [--bank BANK.h5] [--json OUT.jsonl] [KEY VALUE ...]
 
@@ -13,7 +13,10 @@ Tasks, run in this order; each prints its table and goal lines and appends its J
            image, (b) builder.build_bank with 1 worker, (c) with 2 (goal (b)/(a) <= 1.5); and
            the builder's decode with / without its corrupt-image check (decoder warnings).
   host     the loader's pieces in one process: per crop HDF5 read, decode (SampleBank.decode),
-           HWC->CHW; a montage draw; per batch collate, shared/pinned-memory copy, padding.
+           HWC->CHW; a montage draw; per batch collate, shared/pinned-memory copy, padding; and
+           padded vs packed batches side by side: bytes copied to the device per montage against
+           the crops' pixel bytes (goal packed <= 1.1x), main-process host ms per step (hand-off
+           from a worker, pin / staging copy, copy issue) and the device-side unpacking.
   model    (a) model-only step (the model's forward + loss + SGD, no loader, no assembly) on
            synthetic montages in fp32, bf16 and bf16 + channels_last (the last two CUDA only;
            goal bf16 + channels_last >= 5000 montages/s on an H100, floor 2500).
@@ -26,6 +29,11 @@ Tasks, run in this order; each prints its table and goal lines and appends its J
            passes of one ERF refresh of each.
   loader   (c) montages/s out of the real DataLoader per worker count, vs the decode floor
            (host) and the workers needed to feed the best (a) rate (model).
+  stability  every shipped pre-training config (STABILITY_CONFIGS) trained by train_net.py's
+           Trainer at 512 montages and its own LR scaled linearly to them, a warm-up of 10,
+           12 iterations at 64 px (small; make bench-stability); full (CUDA): the pyramid configs
+           at 224 px, 40 iterations, bf16, and the R-50 pyramid with an unnormalised FPN as the
+           control; prints each run's max loss and whether every loss was finite (goal: all).
 
 Sizes: tiny (R-18 96 px, 4 montages/step: seconds on a CPU; --quick), small (the toy config,
 R-18 128 px, 16 montages/step), full (R-50 224 px, 256 montages/step, CUDA only); default full
@@ -37,6 +45,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -65,15 +74,18 @@ if __name__ != "__mp_main__":  # not in the builder's pool processes, which re-i
     from detectron2.modeling import build_model
     from detectron2.solver import build_optimizer
     from detectron2.utils.events import EventStorage, get_event_storage
+    from torch.utils.data import DataLoader
     from montage_pretrain import (MontageStream, add_montage_config, assert_montage_cfg,
-                                  build_montage_train_loader, collate_montages)
+                                  build_montage_train_loader, collate_montages, collate_packed)
+    from montage_pretrain.montage import unpack_crops
     from montage_pretrain.config import merge_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("builder", "host", "model", "step", "pyramid", "loader")
+TASKS = ("builder", "host", "model", "step", "pyramid", "loader", "stability")
 CROPS, SCHEDULE = 4, 64000 * 512  # crops per montage; the paper's schedule in montages
 GOAL_A, FLOOR_A, GOAL_B, GOAL_ERF, GOAL_ASM, GOAL_BUILD = 5000.0, 2500.0, 0.80, 1.05, 0.05, 1.5
 GOAL_PYRAMID = 1.3  # pyramid / backbone-only pre-training step
+GOAL_BYTES = 1.1  # bytes copied to the device per montage / the crops' pixel bytes
 COCO_IMAGES, COCO_BOXES = 118287, 860001  # COCO train2017
 COCO_TINY = ("/work/shared/data/coco_tiny", os.path.join(ROOT, "..", "shared", "data", "coco_tiny"))
 # Per size: config (under projects/MontagePretrain/configs), its pyramid twin, overrides, montages
@@ -421,7 +433,94 @@ def task_host(b):
     r.add("padded_bytes_per_montage", crops.numel() / B, "padded batch (bytes/montage)", ".0f",
           f"shape {tuple(crops.shape)}, padding efficiency {r['padding_efficiency']:.0%}")
     r.show(f"host: data path in one process, {n} crops, batch {B}")
+    transfer_side_by_side(b, r, path, items, per_batch_s=draw * B + collate + shm)
     return r
+
+
+def _nbytes(batch):
+    """Bytes of a batch's tensors (what is pinned and copied to the device)."""
+    return sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v))
+
+
+def _handoff_ms(path, B, collate, per_batch_s, batches):
+    """
+    Main-thread CPU ms of ``next(it)`` of a 1-worker DataLoader whose next batch is already
+    waiting (the worker is given 2x its measured batch time first): receiving a batch from a
+    worker (shared-memory handles, tensor rebuild), not the wait for it (CPU time, so other
+    load on the machine does not count). -> (median ms, the last batch).
+    """
+    loader = DataLoader(MontageStream(path, crops_per_image=CROPS, seed=0), batch_size=B,
+                        num_workers=1, collate_fn=collate, prefetch_factor=2)
+    it, times = iter(loader), []
+    batch = next(it)  # the worker's start-up
+    for _ in range(batches):
+        time.sleep(2 * per_batch_s + 0.005)
+        t0 = time.thread_time()
+        batch = next(it)
+        times.append(time.thread_time() - t0)
+    del it  # stops the worker
+    return 1e3 * statistics.median(times), batch
+
+
+def transfer_side_by_side(b, r, path, items, per_batch_s):
+    """
+    Padded vs packed batches of the same montages, measured in one run: bytes sent to the
+    device per montage / the crops' pixel bytes, and main-process host ms per step (CPU time:
+    hand-off from a worker + pin / staging copy + queueing the copies to the device). The
+    staging copy is the DataLoader's pin (CUDA; its pin thread) or, without CUDA, a copy into
+    fresh memory as its proxy (the same bytes touched and written).
+    """
+    B, dev = len(items), b.device
+    pixel_bytes = 3 * sum(int(c.shape[1]) * int(c.shape[2]) for it in items for c in it["crops"])
+    out, rows = {"pixel_bytes_per_montage": pixel_bytes / B}, []
+    for name, collate in (("padded", collate_montages), ("packed", collate_packed)):
+        batch = collate(items)
+        f = {"bytes_per_montage": _nbytes(batch) / B}
+        f["bytes_over_pixels"] = f["bytes_per_montage"] * B / pixel_bytes
+        f["collate_ms"] = 1e3 * min(measure(lambda: collate(items), windows=3)["cpu_s"])  # noqa
+        f["handoff_ms"], got = _handoff_ms(path, B, collate, per_batch_s, b.size["windows"] + 1)
+        if b.cuda:
+            stage = lambda: {k: v.pin_memory() for k, v in got.items()}  # noqa: B023,E731
+        else:
+            stage = lambda: {k: torch.empty_like(v).copy_(v) for k, v in got.items()}  # noqa
+        f["stage_ms"] = 1e3 * statistics.median(measure(stage, 3, 1, 3)["cpu_s"])
+        f["h2d_issue_ms"] = f["h2d_ms"] = 0.0
+        staged = stage()
+        if b.cuda:  # host time to queue the non_blocking copies; synchronised copy time
+            t = measure(lambda: [v.to(dev, non_blocking=True) for v in staged.values()],  # noqa
+                        3, windows=3)
+            f["h2d_issue_ms"] = 1e3 * min(t["cpu_s"])
+            f["h2d_ms"] = 1e3 * t["median_s"]
+        f["main_host_ms_per_step"] = f["handoff_ms"] + f["stage_ms"] + f["h2d_issue_ms"]
+        # Device work the format adds before assembly: rebuilding the padded crops.
+        f["unpack_ms"] = 0.0
+        if name == "packed":
+            pix = staged["pixels"].to(dev)
+            f["unpack_ms"] = 1e3 * measure(
+                lambda: unpack_crops(pix, staged["offsets"], staged["sizes"]),  # noqa: B023
+                3, 1, 3, dev)["median_s"]
+        out[name] = f
+        rows.append([name, f"{f['bytes_per_montage']:.0f}", f"{f['bytes_over_pixels']:.2f}x",
+                     f"{f['collate_ms']:.2f}", f"{f['handoff_ms']:.2f}", f"{f['stage_ms']:.2f}",
+                     f"{f['h2d_issue_ms']:.2f}", f"{f['main_host_ms_per_step']:.2f}",
+                     f"{f['unpack_ms']:.2f}"])
+    pad, pk = out["padded"], out["packed"]
+    out["packed_over_padded_bytes"] = pk["bytes_per_montage"] / pad["bytes_per_montage"]
+    out["packed_over_padded_main_host_ms"] = (pk["main_host_ms_per_step"]
+                                             / pad["main_host_ms_per_step"])
+    r["transfer"] = out
+    print(f"\n== transfer: padded vs packed, {B} montages/step, "
+          f"{pixel_bytes / B:.0f} pixel bytes/montage, "
+          + ("pin_memory + non_blocking H2D" if b.cuda else "no CUDA: staging = copy to fresh "
+             "memory (pin proxy), no H2D") + "\n" + tabulate(
+              rows, ["batch", "bytes/montage", "/ pixels", "collate ms (worker)", "hand-off ms",
+                     "pin/stage ms", "H2D issue ms", "main host ms/step", "unpack ms (device)"],
+              # CPU ms of the thread that does it; unpack: wall on the model's device
+              disable_numparse=True))
+    print(f"  packed / padded: bytes {out['packed_over_padded_bytes']:.3f}, main-process host ms "
+          f"{out['packed_over_padded_main_host_ms']:.2f}")
+    r.goal("goal_bytes_over_pixels", "packed bytes to the device / pixel bytes",
+           pk["bytes_over_pixels"], f"<= {GOAL_BYTES}", pk["bytes_over_pixels"] <= GOAL_BYTES, "x")
 
 
 def build_train(cfg):
@@ -492,8 +591,9 @@ def full_step(b, amp, W):
         t = b.time(step, warmup=0)
         full = rate(t, B, b.device)
         full["loader_wait_share"] = wait[0] / (sum(t["wall_s"]) * b.size["iters"])
-        if b.cuda:  # synchronised host->device copy of one padded batch
-            crops = next(it)["crops"].pin_memory()
+        if b.cuda:  # synchronised host->device copy of one batch's crops (packed or padded)
+            nxt = next(it)
+            crops = (nxt["pixels"] if "pixels" in nxt else nxt["crops"]).pin_memory()
             h2d = measure(lambda: crops.to(b.device, non_blocking=True), 3, device=b.device)
             full.update(h2d_ms_per_step=1e3 * h2d["median_s"],
                         h2d_gb_per_s=crops.numel() / h2d["median_s"] / 1e9)
@@ -623,6 +723,114 @@ def task_pyramid(b):
     return r
 
 
+# stability (issue 21): every shipped pre-training config at the paper's batch and its own LR
+# scaled linearly to it, a short warm-up, a small canvas (the demo pyramid diverged there with an
+# unnormalised FPN); full (CUDA): the pyramid configs at 224 px in bf16, and the R-50 pyramid
+# with the FPN unnormalised (the cause, as a control that must diverge).
+STABILITY_CONFIGS = ("demo/montage_R_18_toy.yaml", "demo/montage_R_18_FPN_toy.yaml",
+                     "demo/montage_R_18_toy_gn.yaml", "montage_R_50.yaml", "montage_R_50_FPN.yaml",
+                     "montage_R_50_gn.yaml", "montage_R_101.yaml", "montage_X101_32x4d.yaml",
+                     "montage_RegNetX_4GF.yaml")
+NO_FPN_NORM = ("MODEL.FPN.NORM", "")
+STABILITY = {
+    "tiny": dict(montages=8, size=64, iters=3, warmup=2,
+                 runs=[("demo/montage_R_18_FPN_toy.yaml", ())]),
+    "small": dict(montages=512, size=64, iters=12, warmup=10,
+                  runs=[(c, ()) for c in STABILITY_CONFIGS]),
+    "full": dict(montages=512, size=224, iters=40, warmup=20,
+                 runs=[("demo/montage_R_18_FPN_toy.yaml", ()), ("montage_R_50_FPN.yaml", ()),
+                       ("montage_R_50_FPN.yaml", NO_FPN_NORM)]),
+}
+
+
+class _LossRecorder:
+    """A trainer hook recording every iteration's total_loss (MONTAGE.LOG_PERIOD 1)."""
+
+    def __init__(self):
+        from detectron2.engine import HookBase
+
+        rec = self
+
+        class Hook(HookBase):
+            def after_step(self):
+                h = self.trainer.storage.histories().get("total_loss")
+                if h is not None and h.latest() is not None:
+                    rec.losses.append([self.trainer.iter, float(h.latest())])
+
+        self.losses, self.hook = [], Hook()
+
+
+def stability_run(b, config, opts, spec):
+    """Trains ``config`` (+ ``opts``) with train_net.py's Trainer for ``spec['iters']`` steps at
+    ``spec['montages']`` montages and the config's LR scaled to them; returns the losses, whether
+    all were finite, and where Detectron2 stopped a non-finite one."""
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location(
+        "montage_train_net", os.path.join(ROOT, "projects", "MontagePretrain", "train_net.py"))
+    train_net = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(train_net)
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    merge_config_file(cfg, os.path.join(ROOT, "projects", "MontagePretrain", "configs", config))
+    lr = spec.get("lr") or cfg.SOLVER.BASE_LR * spec["montages"] / cfg.SOLVER.IMS_PER_BATCH
+    out = tempfile.mkdtemp(dir=b.tmp, prefix="stability-")
+    cfg.merge_from_list([
+        "MONTAGE.BANK", b.bank(), "SOLVER.IMS_PER_BATCH", str(spec["montages"]),
+        "SOLVER.BASE_LR", str(lr), "MONTAGE.INPUT_SIZE", str(spec["size"]),
+        "SOLVER.WARMUP_ITERS", str(spec["warmup"]),
+        "SOLVER.MAX_ITER", str(max(cfg.SOLVER.MAX_ITER, 10 * spec["iters"])),
+        "SOLVER.CHECKPOINT_PERIOD", str(10 ** 7), "MONTAGE.ERF_NUM_IMAGES", "1",
+        "MONTAGE.ERF_PERIOD", str(10 ** 7), "MONTAGE.FPN.ERF_LEVEL_BUDGET", "16",
+        "MONTAGE.LOG_PERIOD", "1", "TEST.PRECISE_BN.ENABLED", "False",
+        "DATALOADER.NUM_WORKERS", str(b.size["workers"][0]), "OUTPUT_DIR", out, "SEED", "0",
+        "MODEL.DEVICE", b.device.type] + list(opts))
+    cfg = assert_montage_cfg(cfg)
+    trainer = train_net.Trainer(cfg)
+    recorder = _LossRecorder()
+    trainer.register_hooks([recorder.hook])
+    trainer.max_iter = spec["iters"]  # the LR schedule stays the config's (cosine ~ flat here)
+    trainer.resume_or_load(resume=False)
+    stopped, t0 = None, time.perf_counter()
+    try:
+        trainer.train()
+    except FloatingPointError:
+        stopped = trainer.iter
+    wall = time.perf_counter() - t0
+    losses = [x for _, x in recorder.losses]
+    finite = stopped is None and all(math.isfinite(x) for x in losses)
+    del trainer
+    b.free()
+    return dict(config=config, opts=list(opts), lr=lr, montages=spec["montages"],
+                size=spec["size"], iters=spec["iters"], warmup=spec["warmup"],
+                losses=recorder.losses, finite=finite, stopped_at=stopped,
+                max_loss=max((x for x in losses if math.isfinite(x)), default=None),
+                wall_s=wall)
+
+
+def task_stability(b):
+    """Every shipped pre-training config at 512 montages and its LR: max loss, all finite?"""
+    spec = STABILITY[b.args.size]
+    r = Results(spec={k: v for k, v in spec.items() if k != "runs"}, runs=[])
+    for config, opts in spec["runs"]:
+        run = stability_run(b, config, opts, spec)
+        r["runs"].append(run)
+        label = config + (" " + " ".join(repr(o) if o == "" else o for o in opts) if opts else "")
+        state = "all finite" if run["finite"] else (
+            f"non-finite, stopped at iteration {run['stopped_at']}" if run["stopped_at"]
+            is not None else "non-finite")
+        r.add(label, run["max_loss"], label, ".3g",
+              f"{state}; LR {run['lr']:g}; {run['wall_s']:.0f} s with the ERF set-up")
+    r.show(f"stability: {spec['montages']} montages at {spec['size']} px, {spec['iters']} "
+           f"iterations, warm-up {spec['warmup']}, each config's LR scaled to the batch "
+           "(value: max loss)")
+    shipped = [x for x in r["runs"] if not x["opts"]]
+    ok = all(x["finite"] for x in shipped)
+    r.goal("goal_stable", "every shipped config finite", float(sum(x["finite"] for x in shipped)),
+           f"{len(shipped)} of {len(shipped)}", ok)
+    return r
+
+
 def task_loader(b):
     """(c): montages/s out of the DataLoader (nothing consumes them), per worker count."""
     r = Results()
@@ -649,8 +857,9 @@ def task_loader(b):
         print(f"feeding best (a) ({best:.0f} montages/s) needs ~{need:.1f} workers at {per:.0f} "
               f"crops/s per worker (16 workers, linear: {w16:.0f} montages/s -> "
               f"{'OK' if w16 >= best else 'STARVES the GPU'})" + (
-                  f"; padded H2D at that rate {host['padded_bytes_per_montage'] * best / 1e9:.1f}"
-                  " GB/s" if host else ""))
+                  f"; H2D at that rate {host['padded_bytes_per_montage'] * best / 1e9:.1f} GB/s "
+                  f"padded, {host['transfer']['packed']['bytes_per_montage'] * best / 1e9:.2f} "
+                  "GB/s packed" if host else ""))
     return r
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a lent GPU machine (device tool, carry [".gpu-kit"], `make gpu-kit`):
 #
-#     bash scripts/gpu_check.sh $OUT             # on the device, < 9 min
+#     bash scripts/gpu_check.sh $OUT             # on the device, < 11 min (caps: 630 s + set-up)
 #     bash scripts/gpu_check.sh OUT --dry-run    # here, on the CPU, tiny sizes (part of make test)
 #
 # Set-up (skipped by --dry-run, which uses $PYTHON as it is): a venv with --system-site-packages
@@ -12,6 +12,9 @@
 #   env.json         versions, GPU
 #   tests.json       the test suite on the device (CUDA-only tests included), failures listed
 #   bench.jsonl      scripts/benchmark.py: full-size model / step / loader (one line per task)
+#   profile.json     scripts/profile_step.py: torch.profiler over ~20 full pre-training steps (R-50,
+#                    512 montages, bf16 + channels_last, real loader): ms per phase, device idle,
+#                    bytes to the device / pixel bytes, top 15 CUDA kernels, end-to-end montages/s
 #   experiment.json  chess (or toy) -> bank -> Montage-ERF pre-training sized from the measured
 #                    step rate -> export -> R-18 FPN fine-tuning from the export and from scratch
 #                    (same schedule, run side by side on the GPU) -> COCO AP of both on valid
@@ -34,13 +37,23 @@ log() { echo "[gpu_check $(date +%T)] $*"; }
 if [ $DRY = 1 ]; then
   # Tiny sizes on the CPU: the same steps and files, known to work before GPU time is spent.
   PY=${PYTHON:-python}
-  CAP_TESTS=120 CAP_BENCH=150 CAP_EXP=300
+  CAP_TESTS=120 CAP_BENCH=150 CAP_EXP=300 CAP_PROFILE=120
+  PROF_CONFIG=projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml
+  PROF_ARGS=(--warmup 2 --rate-iters 3 --steps 3 MONTAGE.INPUT_SIZE 96 SOLVER.IMS_PER_BATCH 4
+             DATALOADER.NUM_WORKERS 1 MONTAGE.ERF_NUM_IMAGES 2 SOLVER.WARMUP_ITERS 1)
   BENCH_ARGS=(--task host,step,loader --size tiny --workers 1)
   TEST_ARGS=(tests/montage_pretrain/test_montage.py -k "cuda or assemble")
   PRE_BATCH=4 PRE_SIZE=96 PRE_WORKERS=0 PRE_SECONDS=0 PRE_MIN_ITER=4 PRE_MAX_ITER=4
   FT_ITER=4 FT_BATCH=2 FT_WORKERS=0 DEVICE=cpu AMP=False
 else
   CAP_TESTS=${CAP_TESTS:-90} CAP_BENCH=${CAP_BENCH:-150} CAP_EXP=${CAP_EXP:-240}
+  CAP_PROFILE=${CAP_PROFILE:-90}
+  # The issue-22 setting: R-50, 512 montages, bf16 + channels_last, 14 workers. A low LR (the
+  # step's cost does not depend on it) so that 51 steps from scratch cannot diverge.
+  PROF_CONFIG=projects/MontagePretrain/configs/montage_R_50.yaml
+  PROF_ARGS=(--warmup 10 --rate-iters 20 --steps 20 SOLVER.IMS_PER_BATCH 512
+             DATALOADER.NUM_WORKERS 14 SOLVER.AMP.ENABLED True MONTAGE.CHANNELS_LAST True
+             SOLVER.BASE_LR 0.1 SOLVER.WARMUP_ITERS 5)
   BENCH_ARGS=(--task host,model,step,loader --size full --workers 16)
   # The CPU suite runs in CI; here only what needs CUDA (the whole suite outlasts any cap: 257
   # of 417 tests in 120 s on an H200 machine, 2026-11-27).
@@ -65,7 +78,7 @@ else
 fi
 
 # GPU_CHECK_STEPS=experiment (say) runs only those steps: a rerun that fits what device time is left.
-ONLY=",${GPU_CHECK_STEPS:-env,tests,bench,experiment},"
+ONLY=",${GPU_CHECK_STEPS:-env,tests,bench,profile,experiment},"
 FT_LR=${FT_LR:-}
 STEPS=()
 record_step() {  # name rc wall cap -> steps.json (rewritten after every step)
@@ -134,6 +147,28 @@ PY
 
 # -- b. throughput -----------------------------------------------------------------------------
 run_step bench "$CAP_BENCH" $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --json "$OUT/bench.jsonl"
+
+# -- profile: full pre-training steps under torch.profiler -------------------------------------
+profile() {
+  local train_json train_dir
+  if [ -f "$KIT/data/chess/train/_annotations.coco.json" ] && [ $DRY = 0 ]; then
+    train_json=$KIT/data/chess/train/_annotations.coco.json train_dir=$KIT/data/chess/train
+  else
+    if [ $DRY = 1 ]; then set -- --num-train 12 --num-val 0; else set -- --num-val 0; fi
+    $PY scripts/make_toy_coco.py --out "$WORK/profile_toy" "$@" >/dev/null || return 1
+    train_json=$WORK/profile_toy/annotations/instances_train.json
+    train_dir=$WORK/profile_toy/train
+  fi
+  $PY -m builder build --annotations "$train_json" --images "$train_dir" \
+    --out "$WORK/profile_bank.h5" --workers "$([ $DRY = 1 ] && echo 1 || echo 8)" --overwrite \
+    >/dev/null || return 1
+  $PY scripts/profile_step.py --config-file "$PROF_CONFIG" --out "$OUT/profile.json" \
+    "${PROF_ARGS[@]}" MONTAGE.BANK "$WORK/profile_bank.h5" MODEL.DEVICE $DEVICE SEED 0 \
+    > "$WORK/profile.log" 2>&1 || { tail -20 "$WORK/profile.log"; return 1; }
+  tail -1 "$WORK/profile.log"
+}
+run_step profile "$CAP_PROFILE" bash -c "$(declare -f profile); $(declare -p \
+  KIT WORK OUT DRY PY DEVICE PROF_CONFIG PROF_ARGS); profile"
 
 # -- c. a short real experiment ----------------------------------------------------------------
 experiment() {

@@ -22,7 +22,8 @@ import torch
 
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (DefaultTrainer, SimpleTrainer, default_argument_parser,
+                               default_setup, launch)
 from detectron2.utils.logger import setup_logger
 
 from montage_pretrain import (
@@ -41,7 +42,10 @@ from montage_pretrain.plain_logs import plain_config_logs
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the montage loader, bf16 AMP, and the ERF and export hooks."""
+    """
+    DefaultTrainer with the montage loader, bf16 AMP, the ERF and export hooks, and training
+    monitors every ``MONTAGE.LOG_PERIOD`` iterations only (each reading waits for the device).
+    """
 
     def __init__(self, cfg):
         with cpu_ddp():  # several CPU processes: DDP without device_ids
@@ -53,6 +57,14 @@ class Trainer(DefaultTrainer):
             if self._trainer.precision == torch.bfloat16:
                 # bf16 has fp32's range: loss scaling only adds an unscale pass and a sync.
                 self._trainer.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
+        periodic_metrics(self._trainer, cfg.MONTAGE.LOG_PERIOD, cfg.SOLVER.MAX_ITER)
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        # Every Montage model (the pyramid one too) reads its monitors every LOG_PERIOD.
+        model.LOG_PERIOD = cfg.MONTAGE.LOG_PERIOD
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -70,6 +82,20 @@ class Trainer(DefaultTrainer):
         ret.insert(0, ERFRefreshHook(cfg))
         ret.append(ExportHook(cfg, os.path.join(cfg.OUTPUT_DIR, cfg.MONTAGE.EXPORT_NAME)))
         return ret
+
+
+def periodic_metrics(trainer, period, max_iter):
+    """
+    Detectron2's loss metrics (``.item()`` of every loss: a device sync) of ``trainer`` (a
+    SimpleTrainer / AMPTrainer) at the iterations of the model's monitors only: 0, ``period``,
+    2 ``period``, ... and the last. The NaN / inf check of the loss runs there too.
+    """
+    def write(loss_dict, data_time, prefix="", iter=None):
+        it = trainer.iter if iter is None else iter
+        if it % period == 0 or it + 1 >= max_iter:
+            SimpleTrainer.write_metrics(loss_dict, data_time, it, prefix)
+
+    trainer._write_metrics = write
 
 
 def check_inputs(cfg):

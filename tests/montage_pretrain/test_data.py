@@ -8,7 +8,9 @@ from torch.utils.data import DataLoader
 
 from builder.bank import SampleBank
 from montage_pretrain import data as data_mod
-from montage_pretrain.data import MontageStream, build_montage_train_loader, collate_montages
+from montage_pretrain.data import (MontageStream, build_montage_train_loader, collate_montages,
+                                   collate_packed, is_packed)
+from montage_pretrain.montage import unpack_crops
 
 pytestmark = pytest.mark.usefixtures("few_threads")
 
@@ -149,9 +151,13 @@ def _cfg(bank_path, **overrides):
 
 def test_build_loader(bank_path, monkeypatch):
     batch = next(iter(build_montage_train_loader(_cfg(bank_path))))
-    assert batch["crops"].shape[0] == 16 and batch["labels"].shape == (4, 4)
+    assert is_packed(batch)  # the default, MONTAGE.PACKED_CROPS True
+    assert batch["sizes"].shape[0] == 16 and batch["labels"].shape == (4, 4)
     batch = next(iter(build_montage_train_loader(_cfg(bank_path, **{"MONTAGE.LOSS": "single"}))))
-    assert batch["crops"].shape[0] == 4 and batch["labels"].shape == (4, 1)
+    assert batch["offsets"].shape[0] == 4 and batch["labels"].shape == (4, 1)
+    padded = _cfg(bank_path, **{"MONTAGE.PACKED_CROPS": False})
+    batch = next(iter(build_montage_train_loader(padded)))
+    assert not is_packed(batch) and batch["crops"].shape[0] == 16
     seeded = [next(iter(build_montage_train_loader(_cfg(bank_path))))["sizes"] for _ in range(2)]
     assert torch.equal(*seeded)
     monkeypatch.setattr(data_mod.comm, "get_world_size", lambda: 3)
@@ -211,3 +217,63 @@ def test_loader_worker_settings(bank_path):
     # No cv2.setNumThreads in forked workers: it deadlocked on the parent's OpenCV pool lock
     # (seen in a fresh-clone run); crop decoding is single-threaded in OpenCV anyway.
     assert loader.worker_init_fn is None
+
+
+# -- packed (ragged) batches -----------------------------------------------------------------
+
+
+def test_packed_round_trip_and_offsets(bank_path):
+    items = _take(MontageStream(bank_path, seed=2), 3)
+    batch = collate_packed(items)
+    pixels, offsets, sizes = batch["pixels"], batch["offsets"], batch["sizes"]
+    assert pixels.dtype == torch.uint8 and pixels.dim() == 1
+    assert offsets.dtype == torch.long and offsets.shape == (12,) and sizes.shape == (12, 2)
+    assert batch["labels"].shape == (3, 4) and batch["labels"].dtype == torch.long
+    nbytes = 3 * sizes.prod(1)
+    # Back to back, no padding: offset i = sum of the bytes of crops 0..i-1.
+    assert offsets[0] == 0 and torch.equal(offsets[1:], torch.cumsum(nbytes, 0)[:-1])
+    assert pixels.numel() == int(nbytes.sum())
+    flat = [c for it in items for c in it["crops"]]
+    for i, c in enumerate(flat):
+        h, w = c.shape[1:]
+        assert sizes[i].tolist() == [h, w]
+        hwc = pixels[offsets[i]:offsets[i] + 3 * h * w].view(h, w, 3)
+        assert torch.equal(hwc.permute(2, 0, 1), c)  # crop i, HWC, at its offset
+    # Unpacked on the device, it is the padded batch of collate_montages, byte for byte.
+    padded = collate_montages(items)
+    assert torch.equal(unpack_crops(pixels, offsets, sizes), padded["crops"])
+    for k in ("sizes", "labels"):
+        assert torch.equal(batch[k], padded[k]), k
+
+
+def test_packed_holds_only_the_pixels(bank_path):
+    items = _take(MontageStream(bank_path, seed=3), 4)
+    packed, padded = collate_packed(items), collate_montages(items)
+    real = 3 * int(packed["sizes"].prod(1).sum())
+    assert packed["pixels"].numel() == real < padded["crops"].numel()
+
+
+def test_packed_accepts_contiguous_chw_crops_and_checks_offsets(bank_path):
+    items = _take(MontageStream(bank_path, seed=4), 2)
+    contiguous = [{"crops": [c.contiguous() for c in it["crops"]], "labels": it["labels"]}
+                  for it in items]
+    a, b = collate_packed(items), collate_packed(contiguous)
+    assert torch.equal(a["pixels"], b["pixels"])
+    bad = a["offsets"].clone()
+    bad[1] += 3
+    with pytest.raises(ValueError, match="offsets"):
+        unpack_crops(a["pixels"], bad, a["sizes"])
+    with pytest.raises(ValueError, match="pixels holds"):
+        unpack_crops(a["pixels"][:-3], a["offsets"], a["sizes"])
+
+
+def test_packed_buffer_is_shared_memory_in_workers(bank_path):
+    def collate(items):
+        batch = collate_packed(items)
+        batch["shared_in_worker"] = torch.tensor(batch["pixels"].is_shared())
+        return batch
+
+    loader = DataLoader(MontageStream(bank_path, seed=0), batch_size=3, num_workers=1,
+                        collate_fn=collate, multiprocessing_context="fork")
+    batch = next(iter(loader))
+    assert bool(batch["shared_in_worker"]) and batch["sizes"].shape == (12, 2)

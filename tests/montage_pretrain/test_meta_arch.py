@@ -135,3 +135,31 @@ def test_single_trains_on_random_resized_crops(bank_path):
     cfg = tiny_cfg(bank_path, "single", **{"MONTAGE.AUG.SINGLE_AREA": (0.5, 0.9)})
     model = build_model(cfg)
     assert model.single_aug == {"area": (0.5, 0.9), "ratio": (3 / 4, 4 / 3)}
+
+
+def test_monitors_only_every_log_period(bank_path):
+    """montage/crop_acc (a device sync) is read at iterations 0, N, 2N ... only."""
+    model = build_model(tiny_cfg(bank_path, **{"MONTAGE.LOG_PERIOD": 3})).train()
+    assert model.LOG_PERIOD == 3
+    batch = batch_of(bank_path, 2)
+    with EventStorage(0) as storage:
+        for it in range(8):
+            storage.iter = it
+            model(batch)
+        logged = [it for _, it in storage.history("montage/crop_acc").values()]
+    assert logged == [0, 3, 6]
+
+
+def test_packed_and_padded_batches_make_the_same_montages(bank_path):
+    from montage_pretrain import collate_packed
+
+    model = build_model(tiny_cfg(bank_path)).eval()
+    stream = iter(MontageStream(bank_path, seed=3))
+    items = [next(stream) for _ in range(3)]
+    padded, packed = collate_montages(items), collate_packed(items)
+    for train in (False, True):
+        model.train(train)
+        torch.manual_seed(5)  # the same window offsets (and flips, zooms in training)
+        a = model.make_images(padded)
+        torch.manual_seed(5)
+        assert torch.equal(a, model.make_images(packed)), train

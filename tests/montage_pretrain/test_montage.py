@@ -343,3 +343,76 @@ def test_single_random_resized_crop_never_reads_padding_and_checks_args():
     assert torch.equal(a, b) and torch.allclose(a, torch.full_like(a, 90.0), atol=1e-3)
     with pytest.raises(ValueError, match="area"):
         assemble_single(crops, sizes, 40, area=(0.0, 1.0))
+
+
+# -- packed (ragged) crops: the same montages as padded ones -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_bank(tmp_path_factory):
+    """A bank of real JPEG crops cut by the builder from a small synthetic COCO set."""
+    from builder.build import BuildOptions, build_bank
+    from builder.testing import write_synthetic_coco
+
+    root = tmp_path_factory.mktemp("real_bank")
+    json_path, img_dir = write_synthetic_coco(str(root / "coco"), num_images=4, size=(200, 160))
+    out = str(root / "bank.h5")
+    build_bank(json_path, img_dir, out, BuildOptions(workers=1, progress=False))
+    return out
+
+
+def test_montages_from_packed_crops_equal_padded_pixel_for_pixel(real_bank):
+    import itertools
+
+    from montage_pretrain.data import MontageStream, collate_montages, collate_packed
+    from montage_pretrain.montage import unpack_crops
+
+    items = list(itertools.islice(iter(MontageStream(real_bank, seed=0)), 6))
+    padded, packed = collate_montages(items), collate_packed(items)
+    assert packed["pixels"].numel() < padded["crops"].numel()
+    t = MontageTemplate(64, 0.3)
+    for scatter in (False, True):  # the CPU's per-crop copy and the accelerators' scatter
+        crops = unpack_crops(packed["pixels"], packed["offsets"], packed["sizes"],
+                             scatter=scatter)
+        assert torch.equal(crops, padded["crops"]), scatter
+        for kw in (dict(), dict(color_jitter=0.3), dict(flip=False, scale_jitter=(1.0, 1.0))):
+            a = assemble_montages(padded["crops"], padded["sizes"], t,
+                                  generator=torch.Generator().manual_seed(1), **kw)
+            b = assemble_montages(crops, packed["sizes"], t,
+                                  generator=torch.Generator().manual_seed(1), **kw)
+            assert torch.equal(a, b), kw
+
+
+def test_unpack_crops_checks_its_inputs():
+    from montage_pretrain.montage import unpack_crops
+
+    sizes = torch.tensor([[2, 3], [1, 1]])
+    pixels = torch.arange(21, dtype=torch.uint8)
+    offsets = torch.tensor([0, 18])
+    out = unpack_crops(pixels, offsets, sizes)
+    assert out.shape == (2, 3, 2, 3)
+    assert out[0, :, 0, 0].tolist() == [0, 1, 2] and out[0, :, 1, 2].tolist() == [15, 16, 17]
+    assert out[1, :, 0, 0].tolist() == [18, 19, 20] and out[1, :, 1:, :].sum() == 0
+    assert torch.equal(unpack_crops(pixels, offsets, sizes, scatter=True), out)
+    with pytest.raises(ValueError, match="sizes must be"):
+        unpack_crops(pixels, offsets, torch.tensor([[2, 3], [0, 1]]))
+    assert unpack_crops(pixels[:0], offsets[:0], sizes[:0]).shape[0] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_unpack_never_syncs_and_matches_cpu(real_bank):
+    import itertools
+
+    from montage_pretrain.data import MontageStream, collate_packed
+    from montage_pretrain.montage import unpack_crops
+
+    packed = collate_packed(list(itertools.islice(iter(MontageStream(real_bank, seed=0)), 6)))
+    pixels = packed["pixels"].pin_memory()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = unpack_crops(pixels.cuda(non_blocking=True), packed["offsets"], packed["sizes"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = unpack_crops(packed["pixels"], packed["offsets"], packed["sizes"])
+    assert torch.equal(gpu.cpu(), cpu)

@@ -42,6 +42,7 @@ def test_host_model_step_loader(bench, tmp_path, capsys):
     for piece in ("== host", "== model", "== step", "== loader", "decode-only floor", "S/T/W",
                   "goal erf / global step time <= 1.05", "goal assembly / erf step < 5 %",
                   "goal (b) / best (a) >= 0.80", "(b') / best (a)", "x decode floor",
+                  "== transfer: padded vs packed", "goal packed bytes to the device / pixel bytes",
                   "feeding best (a)", "goal (a) bf16 + channels_last", "R_18_toy.yaml"):
         assert piece in text, piece
     recs = _records(out)
@@ -55,6 +56,18 @@ def test_host_model_step_loader(bench, tmp_path, capsys):
                 "shm_copy_ms_per_batch", "montages_per_s_per_core", "padded_bytes_per_montage"):
         assert _positive(host[key]), key
     assert 0 < host["padding_efficiency"] <= 1 and host["padded_batch_shape"][0] == 16
+    # Padded vs packed side by side: bytes to the device against the pixels, main-process ms.
+    tr = host["transfer"]
+    assert _positive(tr["pixel_bytes_per_montage"])
+    for name in ("padded", "packed"):
+        for key in ("bytes_per_montage", "bytes_over_pixels", "collate_ms", "handoff_ms",
+                    "stage_ms", "main_host_ms_per_step"):
+            assert _positive(tr[name][key]), (name, key)
+    assert 1.0 <= tr["packed"]["bytes_over_pixels"] <= 1.1 < tr["padded"]["bytes_over_pixels"]
+    assert tr["packed"]["unpack_ms"] > 0 and tr["padded"]["unpack_ms"] == 0
+    assert _positive(tr["packed_over_padded_bytes"]) and tr["packed_over_padded_bytes"] < 1
+    assert _positive(tr["packed_over_padded_main_host_ms"])
+    assert host["goal_bytes_over_pixels"]["pass"] is True
     model = recs["model"]["results"]
     _check_rate(model["fp32"])
     assert model["best_montages_per_s"] >= model["fp32"]["montages_per_s"]
@@ -143,3 +156,22 @@ def test_cli(bench, tmp_path):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"),
                           "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0 and "--task" in res.stdout and "builder" in res.stdout
+
+
+def test_stability_unnormalised_pyramid_diverges_and_the_shipped_one_does_not(
+        load_module, tmp_path, monkeypatch, capsys):
+    """Issue 21 at its smallest reproducing size: the demo pyramid with the FPN unnormalised
+    (the old config) goes non-finite within 10 iterations at 64 montages and LR 0.8; the shipped
+    config (BN in the FPN, folded at export) stays finite at the same settings."""
+    bench = load_module("scripts/benchmark.py")
+    config = "demo/montage_R_18_FPN_toy.yaml"
+    monkeypatch.setitem(bench.STABILITY, "tiny", dict(
+        montages=64, size=64, iters=10, warmup=4, lr=0.8,
+        runs=[(config, bench.NO_FPN_NORM), (config, ())]))
+    out = tmp_path / "stability.jsonl"
+    assert bench.main(["--task", "stability", "--quick", "--json", str(out)]) == 0
+    old, shipped = json.loads(out.read_text())["results"]["runs"]
+    assert old["opts"] == ["MODEL.FPN.NORM", ""] and not old["finite"]
+    assert old["stopped_at"] is not None and old["stopped_at"] < 10
+    assert shipped["finite"] and len(shipped["losses"]) == 10
+    assert "goal every shipped config finite 1 of 1: 1.00 -> PASS" in capsys.readouterr().out

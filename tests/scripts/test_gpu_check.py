@@ -21,9 +21,10 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     out = dry_run(tmp_path, 900, OMP_NUM_THREADS="1")
     # At most 8 files come back from the device's $OUT.
     assert sorted(os.listdir(out)) == ["bench.jsonl", "env.json", "experiment.json",
-                                       "gpu_check.log", "steps.json", "tests.json"]
+                                       "gpu_check.log", "profile.json", "steps.json",
+                                       "tests.json"]
     steps = json.loads((out / "steps.json").read_text())
-    assert [s["step"] for s in steps] == ["env", "tests", "bench", "experiment"]
+    assert [s["step"] for s in steps] == ["env", "tests", "bench", "profile", "experiment"]
     assert all(s["rc"] == 0 and s["wall_s"] <= s["cap_s"] for s in steps)
     assert json.loads((out / "env.json").read_text())["torch"]
     tests = json.loads((out / "tests.json").read_text())
@@ -31,6 +32,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     tasks = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert {t["task"] for t in tasks} == {"host", "step", "loader"}
     assert all(t["error"] is None for t in tasks)
+    _check_profile(json.loads((out / "profile.json").read_text()))
     exp = json.loads((out / "experiment.json").read_text())
     assert exp["bank"]["num_samples"] > 0 and exp["pretrain"]["iterations"] == 4
     for arm in ("montage", "scratch"):
@@ -46,3 +48,23 @@ def test_gpu_check_runs_only_the_steps_asked_for(tmp_path):
     assert sorted(os.listdir(out)) == ["env.json", "gpu_check.log", "steps.json"]
     assert [s["step"] for s in json.loads((out / "steps.json").read_text())] == ["env"]
     assert "step bench: not in GPU_CHECK_STEPS, skipped" in (out / "gpu_check.log").read_text()
+
+
+def _check_profile(prof):
+    """The profile step's summary (tiny CPU run: host times, no kernels)."""
+    assert prof["device"] == "cpu" and prof["packed_crops"] and prof["montages_per_step"] == 4
+    assert prof["iterations"] == {"warmup": 2, "rate": 3, "profiled": 3}
+    rate = prof["rate"]
+    assert rate["window"] == 3 and rate["montages_per_s"] > 0
+    assert rate["time_min_s"] <= rate["time_median_s"] <= rate["time_max_s"]
+    phases = {"data", "h2d_copy", "montage_assembly", "forward", "loss", "backward", "optimizer",
+              "hooks", "metrics"}
+    assert set(prof["host_ms_per_step"]) == phases
+    assert set(prof["phases_ms_per_step"]) == phases | {"idle"}
+    for k in ("forward", "backward", "optimizer", "montage_assembly", "h2d_copy"):
+        assert prof["host_ms_per_step"][k] > 0, k  # each phase's range was recorded
+    assert sum(prof["host_ms_per_step"].values()) <= prof["step_ms"] * 1.01
+    # Packed crops: what goes to the device is the pixels (+ offsets, sizes, labels).
+    assert 1.0 <= prof["bytes"]["h2d_over_pixels"] <= 1.1
+    assert prof["top_kernels"] == [] and prof["device_idle_ms_per_step"] is None
+

@@ -1,13 +1,22 @@
 """
 The infinite stream of Montage samples (2 S + 1 T + 1 W per montage) and its loader.
 
-Workers only draw, decode and pad crops; the montages themselves are assembled on the model's
+Workers only draw, decode and batch crops; the montages themselves are assembled on the model's
 device by :func:`montage_pretrain.montage.assemble_montages`.
 
+Two batch formats, one per collate:
+
+* packed (:func:`collate_packed`, the training loader's default, ``MONTAGE.PACKED_CROPS``): the
+  crops' HWC pixels back to back in one flat uint8 buffer + per-crop byte offsets and sizes.
+  What crosses to the main process, is pinned and is copied to the device is the crops' own
+  pixels (1.0x), not a batch padded to its largest crop (~9x on COCO-like banks). The device
+  rebuilds the padded batch (:func:`montage_pretrain.montage.unpack_crops`), pixel for pixel;
+* padded (:func:`collate_montages`): uint8 (N*k, 3, Hm, Wm), what assembly consumes; the ERF
+  hook's fixed montage set and ``MONTAGE.PACKED_CROPS False`` use it.
+
 Pixels are copied once on the host: a decoded crop stays in its HWC array (the stream yields a
-CHW view of it), and the collate writes it, transposed, straight into the padded batch, which
-inside a DataLoader worker lives in shared memory so that handing it to the main process
-copies nothing.
+CHW view of it), and the collate writes it straight into the batch, which inside a DataLoader
+worker lives in shared memory so that handing it to the main process copies nothing.
 """
 import logging
 import math
@@ -25,7 +34,8 @@ from detectron2.utils import comm
 from builder.bank import SampleBank
 
 __all__ = [
-    "MontageStream", "MontageLoader", "collate_montages", "build_montage_train_loader", "FALLBACKS",
+    "MontageStream", "MontageLoader", "collate_montages", "collate_packed", "is_packed",
+    "build_montage_train_loader", "FALLBACKS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -225,6 +235,45 @@ def collate_montages(items):
     return {"crops": out, "sizes": sizes, "labels": labels}
 
 
+def collate_packed(items):
+    """
+    Packs the crops of ``items`` into one flat buffer (ragged: no padding), in the worker.
+
+    Each crop's pixels are written once, as HWC rows (the decoder's own layout: a plain memcpy
+    for the stream's CHW views of decoded arrays), at ``offsets[i]``. Inside a DataLoader worker
+    the buffer is allocated in shared memory.
+
+    Args:
+        items (list[dict]): as for :func:`collate_montages`.
+
+    Returns:
+        dict: ``pixels`` uint8 (sum of 3*h*w,) the crops back to back, crop i HWC at
+        ``pixels[offsets[i]:offsets[i] + 3*h*w]``; ``offsets`` int64 (N*k,) byte offsets;
+        ``sizes`` int64 (N*k, 2) (h, w); ``labels`` int64 (N, k).
+        :func:`montage_pretrain.montage.unpack_crops` rebuilds the padded crops of
+        :func:`collate_montages` from it, on any device.
+    """
+    crops = [c for it in items for c in it["crops"]]
+    hw = [(int(c.shape[1]), int(c.shape[2])) for c in crops]
+    sizes = torch.tensor(hw, dtype=torch.long)
+    nbytes = sizes.prod(1) * 3
+    ends = torch.cumsum(nbytes, 0)
+    offsets = ends - nbytes
+    out = _new_uint8((int(ends[-1]) if len(hw) else 0,))
+    buf = out.numpy()
+    for c, start, end, (h, w) in zip(crops, offsets.tolist(), ends.tolist(), hw):
+        hwc = c.permute(1, 2, 0) if torch.is_tensor(c) else np.transpose(c, (1, 2, 0))
+        hwc = hwc.numpy() if torch.is_tensor(hwc) else hwc
+        np.copyto(buf[start:end].reshape(h, w, 3), hwc)  # the one copy (a memcpy for views)
+    labels = torch.stack([it["labels"] for it in items])
+    return {"pixels": out, "offsets": offsets, "sizes": sizes, "labels": labels}
+
+
+def is_packed(batch):
+    """True for a batch of :func:`collate_packed`, False for one of :func:`collate_montages`."""
+    return "pixels" in batch
+
+
 class MontageLoader(DataLoader):
     """
     A DataLoader whose iterator reports a worker that died (SIGKILL, e.g. by the out-of-memory
@@ -298,7 +347,11 @@ def build_montage_train_loader(cfg):
 
     Per-process batch = ``SOLVER.IMS_PER_BATCH // world_size`` montages; workers
     ``DATALOADER.NUM_WORKERS`` (0 = in process); ``MONTAGE.LOSS == "single"`` streams one crop per
-    image. ``SEED < 0`` draws a random seed.
+    image. ``SEED < 0`` draws a random seed. Batches are packed (:func:`collate_packed`) unless
+    ``MONTAGE.PACKED_CROPS`` is False (padded, :func:`collate_montages`).
+
+    With CUDA the DataLoader's pin-memory thread pins each batch (off the main thread); packed,
+    that is the crops' pixel bytes only, so the copy to the device can be ``non_blocking``.
     """
     world = comm.get_world_size()
     total = cfg.SOLVER.IMS_PER_BATCH
@@ -314,7 +367,7 @@ def build_montage_train_loader(cfg):
         stream,
         batch_size=total // world,
         num_workers=workers,
-        collate_fn=collate_montages,
+        collate_fn=collate_packed if cfg.MONTAGE.PACKED_CROPS else collate_montages,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         # Batches in flight per worker; 2 bounds the shared memory (/dev/shm) they occupy.

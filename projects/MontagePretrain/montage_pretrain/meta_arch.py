@@ -4,6 +4,7 @@ import logging
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import record_function
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
@@ -12,7 +13,7 @@ from detectron2.utils.events import get_event_storage
 from builder.bank import SampleBank
 from .erf import compute_erf_maps, erf_region_weights, erf_weight_map
 from .losses import blockwise_loss, blockwise_weights, erf_dense_loss, global_loss, single_loss
-from .montage import MontageTemplate, assemble_montages, assemble_single
+from .montage import MontageTemplate, assemble_montages, assemble_single, unpack_crops
 
 __all__ = ["MontageClassifier", "LOSSES"]
 
@@ -26,10 +27,19 @@ class MontageClassifier(nn.Module):
     Montage pre-training (:paper:`Montage`, Zhou et al. ECCV 2020).
 
     Input: a batch from :func:`montage_pretrain.data.build_montage_train_loader`, a dict with
-    ``crops`` uint8 (N*k, 3, Hm, Wm), ``sizes`` (N*k, 2) and ``labels`` (N, k), k = 4 crops per
-    montage (1 for the "single" baseline). The montages are assembled on the model's device
-    (GPU when present), normalised, and fed to ``backbone``; a 1x1 conv classifies every
-    position of the last (largest-stride) feature map into C + 1 classes.
+    ``sizes`` (N*k, 2), ``labels`` (N, k), k = 4 crops per montage (1 for the "single"
+    baseline), and the crops either packed (``pixels`` flat uint8 + ``offsets``,
+    :func:`~montage_pretrain.data.collate_packed`; only the crops' pixels are copied to the
+    device, which rebuilds the padded crops) or padded (``crops`` uint8 (N*k, 3, Hm, Wm),
+    :func:`~montage_pretrain.data.collate_montages`): the same montages either way. The montages
+    are assembled on the model's device (GPU when present), normalised, and fed to ``backbone``;
+    a 1x1 conv classifies every position of the last (largest-stride) feature map into C + 1
+    classes.
+
+    Training monitors (``montage/crop_acc``) are read every ``LOG_PERIOD`` iterations only
+    (``MONTAGE.LOG_PERIOD``): a reading waits for the device, the steps in between never do.
+    The step's phases are named for torch.profiler (``record_function``): ``h2d_copy``,
+    ``montage_assembly``, ``forward``, ``loss``, ``metrics``.
 
     Training returns ``{"loss_montage": loss}``; eval returns the logits (N, C+1, h, w).
 
@@ -39,7 +49,7 @@ class MontageClassifier(nn.Module):
     (-1 = never computed).
     """
 
-    LOG_PERIOD = 20  # iterations between training-accuracy readings
+    LOG_PERIOD = 20  # iterations between training-monitor readings (MONTAGE.LOG_PERIOD)
 
     @configurable
     def __init__(
@@ -60,6 +70,7 @@ class MontageClassifier(nn.Module):
         single_area=(0.08, 1.0),
         single_ratio=(3 / 4, 4 / 3),
         erf_calibrate_bn=True,
+        log_period=20,
     ):
         """
         Args:
@@ -75,6 +86,7 @@ class MontageClassifier(nn.Module):
             channels_last (bool): run the backbone in channels_last memory format.
             single_area, single_ratio: the random-resized crop of loss "single" in training.
             erf_calibrate_bn (bool): see :meth:`refresh_erf_weights`.
+            log_period (int): iterations between training-monitor readings.
         """
         super().__init__()
         if loss not in LOSSES:
@@ -93,6 +105,7 @@ class MontageClassifier(nn.Module):
         self.channels_last = channels_last
         self.single_aug = dict(area=tuple(single_area), ratio=tuple(single_ratio))
         self.erf_calibrate_bn = erf_calibrate_bn
+        self.LOG_PERIOD = max(int(log_period), 1)
 
         self.head = nn.Conv2d(shape.channels, num_classes + 1, kernel_size=1)
         nn.init.normal_(self.head.weight, std=0.01)
@@ -119,6 +132,7 @@ class MontageClassifier(nn.Module):
             **cls.shared_config(cfg),
             "single_area": cfg.MONTAGE.AUG.SINGLE_AREA,
             "single_ratio": cfg.MONTAGE.AUG.SINGLE_RATIO,
+            "log_period": cfg.MONTAGE.LOG_PERIOD,
         }
 
     @staticmethod
@@ -156,23 +170,34 @@ class MontageClassifier(nn.Module):
     @torch.no_grad()
     def make_images(self, batch):
         """
-        Assembles and normalises the montages of ``batch`` on the model's device.
+        Assembles and normalises the montages of ``batch`` (packed or padded) on the model's
+        device. Nothing here waits for the device: the host->device copies are non_blocking
+        (asynchronous from the loader's pinned batches) and ``sizes`` stay on the host, where
+        they are checked for free and size the work.
 
         Returns:
             Tensor: (N, 3, S, S) float32, normalised.
         """
-        crops = batch["crops"].to(self.device, non_blocking=True)
         # sizes stay on the host: assembly validates them there for free, then moves them.
         sizes = batch["sizes"]
-        aug = self.aug if self.training else dict(flip=False, scale_jitter=(1.0, 1.0))
-        if self.loss_name == "single":
-            single = self.single_aug if self.training else {}
-            images = assemble_single(crops, sizes, self.template.size, **aug, **single)
-        else:
-            images = assemble_montages(crops, sizes, self.template, **aug)
-        images = (images - self.pixel_mean) / self.pixel_std
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        with record_function("h2d_copy"):
+            if "pixels" in batch:  # packed: the crops' pixels only
+                pixels = batch["pixels"].to(self.device, non_blocking=True)
+                offsets = batch["offsets"]
+            else:
+                crops = batch["crops"].to(self.device, non_blocking=True)
+        with record_function("montage_assembly"):
+            if "pixels" in batch:
+                crops = unpack_crops(pixels, offsets, sizes)
+            aug = self.aug if self.training else dict(flip=False, scale_jitter=(1.0, 1.0))
+            if self.loss_name == "single":
+                single = self.single_aug if self.training else {}
+                images = assemble_single(crops, sizes, self.template.size, **aug, **single)
+            else:
+                images = assemble_montages(crops, sizes, self.template, **aug)
+            images = (images - self.pixel_mean) / self.pixel_std
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
         return images
 
     def forward(self, batch):
@@ -184,12 +209,14 @@ class MontageClassifier(nn.Module):
             dict[str, Tensor] in training (``loss_montage``), else logits (N, C+1, h, w).
         """
         images = self.make_images(batch)
-        logits = self.head(self.backbone(images)[self.in_feature])
+        with record_function("forward"):
+            logits = self.head(self.backbone(images)[self.in_feature])
         if not self.training:
             return logits
-        labels = batch["labels"].to(self.device, non_blocking=True)
+        with record_function("h2d_copy"):
+            labels = batch["labels"].to(self.device, non_blocking=True)
         # The loss runs in fp32 even under AMP (log-softmax over C+1 classes, region einsums).
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False), record_function("loss"):
             logits = logits.float()
             if self.loss_name == "erf":
                 loss = erf_dense_loss(logits, labels, self.erf_weights, self.region_map)
@@ -199,9 +226,10 @@ class MontageClassifier(nn.Module):
                 loss = global_loss(logits, labels, self.region_areas)
             else:
                 loss = single_loss(logits, labels)
-            storage = get_event_storage()
-            # .item() waits for the device: monitor every LOG_PERIOD iterations only.
-            if storage.iter % self.LOG_PERIOD == 0:
+        storage = get_event_storage()
+        # .item() waits for the device: monitor every LOG_PERIOD iterations only.
+        if storage.iter % self.LOG_PERIOD == 0:
+            with torch.autocast(self.device.type, enabled=False), record_function("metrics"):
                 self._log_accuracy(logits, labels, storage)
         return {"loss_montage": loss}
 

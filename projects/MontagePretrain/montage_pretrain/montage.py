@@ -10,7 +10,7 @@ from torchvision.ops import roi_align
 
 from builder.bank import S_MAX_ASPECT, S_MIN_ASPECT
 
-__all__ = ["MontageTemplate", "assemble_montages", "assemble_single"]
+__all__ = ["MontageTemplate", "assemble_montages", "assemble_single", "unpack_crops"]
 
 # Cap of roi_align's samples per output pixel and axis: a 4x4 grid already antialiases a 4x
 # downscale exactly; larger downscales (rare once the builder bounds crop sizes) alias mildly.
@@ -141,6 +141,87 @@ def _uniform(n, lo, hi, generator, device):
     u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float32)
     u = u.to(device, non_blocking=torch.device(device).type != "cpu")
     return lo + (hi - lo) * u
+
+
+def unpack_crops(pixels, offsets, sizes, validate=None, scatter=None):
+    """
+    The padded crops of :func:`montage_pretrain.data.collate_montages` rebuilt from a packed
+    batch (:func:`montage_pretrain.data.collate_packed`) on the buffer's device, pixel for pixel
+    (zero padding at the bottom/right); nothing waits for the device.
+
+    On an accelerator: one scatter of the crops' pixels per channel, straight into the CHW
+    layout (a handful of kernels whatever the batch). The destination of every pixel is computed
+    on the device from per-row deltas: the pixels of crop row r are contiguous in both the
+    packed buffer and the padded tensor, so ``dst = src + delta[row of src]``. On the CPU: one
+    strided copy per crop (cheaper there than building the index). ``sizes`` must be on the CPU
+    (they size the work without a device sync); ``offsets`` may be anywhere.
+
+    Args:
+        pixels (Tensor): uint8 (sum of 3*h*w,), crops back to back, each HWC.
+        offsets (Tensor): int64 (N,) byte offset of each crop in ``pixels``.
+        sizes (Tensor): int64 (N, 2) (h, w), on the CPU.
+        validate (bool or None): check ``offsets`` against ``sizes`` (ValueError); None: when
+            ``offsets`` is on the CPU (free), True: always (a device sync), False: never.
+        scatter (bool or None): force (True) or forbid (False) the scatter; None: on any device
+            but the CPU. Both give the same bytes.
+
+    Returns:
+        Tensor: uint8 (N, 3, Hm, Wm), Hm/Wm the largest crop height/width.
+    """
+    if sizes.device.type != "cpu":
+        raise ValueError("unpack_crops: sizes must be on the CPU (they size the work)")
+    if pixels.dtype != torch.uint8 or pixels.dim() != 1:
+        raise ValueError(f"pixels must be flat uint8, got {pixels.dtype} {tuple(pixels.shape)}")
+    n, dev = sizes.shape[0], pixels.device
+    sizes = sizes.long()
+    if n == 0:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8, device=dev)
+    if (sizes < 1).any():
+        raise ValueError("sizes must be (h, w) >= 1")
+    h, w = sizes[:, 0], sizes[:, 1]
+    area = h * w
+    starts = torch.cumsum(area, 0) - area  # pixel index of each crop in the buffer
+    total, rows = int(area.sum()), int(h.sum())
+    if pixels.numel() != 3 * total:
+        raise ValueError(f"pixels holds {pixels.numel()} bytes, sizes need {3 * total}")
+    if validate or (validate is None and offsets.device.type == "cpu"):
+        if not torch.equal(offsets.cpu().long(), 3 * starts):
+            raise ValueError("offsets do not match sizes (crops must lie back to back)")
+    hm, wm = int(h.max()), int(w.max())
+    if scatter is None:
+        scatter = dev.type != "cpu"
+    if not scatter:
+        out = torch.empty(n, 3, hm, wm, dtype=torch.uint8, device=dev)
+        # Through numpy, as the padded collate: its slicing costs less per crop than torch's;
+        # only the padding is zeroed.
+        dst, src = out.numpy(), pixels.numpy()
+        for i, (start, hh, ww) in enumerate(zip((3 * starts).tolist(), h.tolist(), w.tolist())):
+            crop = src[start:start + 3 * hh * ww].reshape(hh, ww, 3)
+            dst[i, :, :hh, :ww] = crop.transpose(2, 0, 1)
+            dst[i, :, hh:, :] = 0
+            dst[i, :, :hh, ww:] = 0
+        return out
+    # Per crop, on the CPU (N values): pixel index of row 0 in the padded (N, Hm, Wm) plane
+    # minus its index in the buffer, and the extra step per row (Wm - w).
+    base = torch.arange(n) * (hm * wm) - starts
+    gap = wm - w
+    nb = dev.type != "cpu"
+    crop_of_row = torch.repeat_interleave(torch.arange(n, device=dev), h.to(dev, non_blocking=nb),
+                                          output_size=rows)
+    row_starts = (torch.cumsum(h, 0) - h).to(dev, non_blocking=nb)
+    y = torch.arange(rows, device=dev) - row_starts[crop_of_row]
+    base, gap = base.to(dev, non_blocking=nb), gap.to(dev, non_blocking=nb)
+    delta = base[crop_of_row] + y * gap[crop_of_row]
+    width_of_row = w.to(dev, non_blocking=nb)[crop_of_row]
+    dst = torch.arange(total, device=dev) + torch.repeat_interleave(delta, width_of_row,
+                                                                     output_size=total)
+    # dst indexes the (N, Hm, Wm) plane; channel c of crop i is plane (3 i + c) of the output.
+    dst = dst + (dst // (hm * wm)) * (2 * hm * wm)
+    out = torch.zeros(n, 3, hm, wm, dtype=torch.uint8, device=dev)
+    flat, src = out.view(-1), pixels.view(total, 3)
+    for c in range(3):
+        flat.index_copy_(0, dst + c * hm * wm, src[:, c])
+    return out
 
 
 def _check_sizes(sizes, hm, wm):
