@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a lent GPU machine (device tool, carry [".gpu-kit"], `make gpu-kit`):
 #
-#     bash scripts/gpu_check.sh $OUT             # on the device, < 11 min (caps: 630 s + set-up)
+#     bash scripts/gpu_check.sh $OUT             # on the device, < 13 min (default steps: caps 690 s + set-up)
 #     bash scripts/gpu_check.sh OUT --dry-run    # here, on the CPU, tiny sizes (part of make test)
 #
 # Set-up (skipped by --dry-run, which uses $PYTHON as it is): a venv with --system-site-packages
@@ -15,9 +15,13 @@
 #   profile.json     scripts/profile_step.py: torch.profiler over ~20 full pre-training steps (R-50,
 #                    512 montages, bf16 + channels_last, real loader): ms per phase, device idle,
 #                    bytes to the device / pixel bytes, top 15 CUDA kernels, end-to-end montages/s
-#   experiment.json  chess (or toy) -> bank -> Montage-ERF pre-training sized from the measured
-#                    step rate -> export -> R-18 FPN fine-tuning from the export and from scratch
-#                    (same schedule, run side by side on the GPU) -> COCO AP of both on valid
+#   stability.jsonl  scripts/benchmark.py --task stability: the pyramid configs at 512 montages x
+#                    224 px (bf16), the unnormalised-FPN control: every loss, finite or not
+#   experiment.json  scripts/gpu_experiment.py: chess (or toy) -> bank -> Montage-ERF R-18
+#                    pre-training -> the default export (init scale) and the export as trained ->
+#                    the same R-18 FPN detector from each and from random init (scratch_bn), 2
+#                    seeds at 32 epochs + 1 seed at 8 epochs, 9 runs side by side -> COCO AP on
+#                    valid, paired differences, per-stage updates of the first 100 iterations
 #   steps.json       each step's exit code, wall and cap; gpu_check.log: everything printed
 # At most 8 files come back from OUT; intermediate files stay in $WORK.
 set -uo pipefail
@@ -37,16 +41,18 @@ log() { echo "[gpu_check $(date +%T)] $*"; }
 if [ $DRY = 1 ]; then
   # Tiny sizes on the CPU: the same steps and files, known to work before GPU time is spent.
   PY=${PYTHON:-python}
-  CAP_TESTS=120 CAP_BENCH=150 CAP_EXP=300 CAP_PROFILE=120
+  CAP_TESTS=120 CAP_BENCH=150 CAP_EXP=300 CAP_PROFILE=120 CAP_STAB=120
   PROF_CONFIG=projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml
   PROF_ARGS=(--warmup 2 --rate-iters 3 --steps 3 MONTAGE.INPUT_SIZE 96 SOLVER.IMS_PER_BATCH 4
              DATALOADER.NUM_WORKERS 1 MONTAGE.ERF_NUM_IMAGES 2 SOLVER.WARMUP_ITERS 1)
   BENCH_ARGS=(--task host,step,loader --size tiny --workers 1)
   TEST_ARGS=(tests/montage_pretrain/test_montage.py -k "cuda or assemble")
   PRE_BATCH=4 PRE_SIZE=96 PRE_WORKERS=0 PRE_SECONDS=0 PRE_MIN_ITER=4 PRE_MAX_ITER=4
-  FT_ITER=4 FT_BATCH=2 FT_WORKERS=0 DEVICE=cpu AMP=False
+  FT_ITER=4 FT_SHORT=0 FT_SEEDS=0 FT_BATCH=2 FT_WORKERS=0 DEVICE=cpu AMP=False
+  STAB_ARGS=(--size tiny --workers 0)
 else
-  CAP_TESTS=${CAP_TESTS:-90} CAP_BENCH=${CAP_BENCH:-150} CAP_EXP=${CAP_EXP:-240}
+  CAP_TESTS=${CAP_TESTS:-90} CAP_BENCH=${CAP_BENCH:-150} CAP_EXP=${CAP_EXP:-480}
+  CAP_STAB=${CAP_STAB:-120}
   CAP_PROFILE=${CAP_PROFILE:-90}
   # The issue-22 setting: R-50, 512 montages, bf16 + channels_last, 14 workers. A low LR (the
   # step's cost does not depend on it) so that 51 steps from scratch cannot diverge.
@@ -61,7 +67,11 @@ else
   # The paper's 512 montages at 224 px; iterations from the measured rate (below).
   PRE_BATCH=512 PRE_SIZE=224 PRE_WORKERS=12 PRE_SECONDS=${PRE_SECONDS:-75}
   PRE_MIN_ITER=50 PRE_MAX_ITER=3000
-  FT_ITER=${FT_ITER:-500} FT_BATCH=16 FT_WORKERS=6 DEVICE=cuda AMP=True
+  # 400 x 16 images = 32 epochs of chess train; 9 R-18 fine-tunings side by side (2 seeds x 3
+  # arms at FT_ITER, 3 arms at FT_SHORT) at ~0.69 s/iter each on an H200: ~5 min.
+  FT_ITER=${FT_ITER:-400} FT_SHORT=${FT_SHORT:-100} FT_SEEDS=${FT_SEEDS:-0,1} FT_BATCH=16
+  FT_WORKERS=1 DEVICE=cuda AMP=True
+  STAB_ARGS=(--size full --workers 8)
   log "set-up: venv with the machine's torch + the kit ($KIT)"
   [ -d "$KIT/wheels" ] || { log "no kit at $KIT: run make gpu-kit here and carry .gpu-kit"; exit 2; }
   BASE_PY=${GPU_PYTHON:-python3}
@@ -78,7 +88,9 @@ else
 fi
 
 # GPU_CHECK_STEPS=experiment (say) runs only those steps: a rerun that fits what device time is left.
-ONLY=",${GPU_CHECK_STEPS:-env,tests,bench,profile,experiment},"
+# The default fits one lent device's 15 minutes with its start-up: tests and bench ran on the
+# first device (2026-11-27) and are opt-in (GPU_CHECK_STEPS=env,tests,bench,...).
+ONLY=",${GPU_CHECK_STEPS:-env,profile,stability,experiment},"
 FT_LR=${FT_LR:-}
 STEPS=()
 record_step() {  # name rc wall cap -> steps.json (rewritten after every step)
@@ -170,7 +182,13 @@ profile() {
 run_step profile "$CAP_PROFILE" bash -c "$(declare -f profile); $(declare -p \
   KIT WORK OUT DRY PY DEVICE PROF_CONFIG PROF_ARGS); profile"
 
-# -- c. a short real experiment ----------------------------------------------------------------
+# -- stability: pre-training at the paper's batch must stay finite (issue 21) -------------------
+# The pyramid configs at 512 montages x 224 px, bf16, 40 iterations, and the R-50 pyramid with an
+# unnormalised FPN as the control (it diverged there before the fix); every loss is recorded.
+run_step stability "$CAP_STAB" $PY scripts/benchmark.py --task stability "${STAB_ARGS[@]}" \
+  --json "$OUT/stability.jsonl"
+
+# -- c. the long protocol in one call (issue 20) ------------------------------------------------
 experiment() {
   local data train_json train_dir val_json val_dir rate iters
   if [ -f "$KIT/data/chess/train/_annotations.coco.json" ] && [ $DRY = 0 ]; then
@@ -204,84 +222,21 @@ import sys; rate = float(sys.argv[1] or 0); s, b, lo, hi = (float(x) for x in sy
 print(int(min(max(s * rate / b if rate else 300, lo), hi)))
 " "${rate:-}" "$PRE_SECONDS" "$PRE_BATCH" "$PRE_MIN_ITER" "$PRE_MAX_ITER")
   log "pre-training: $iters iterations x $PRE_BATCH montages (measured rate ${rate:-n/a}/s)"
-  local lr warm erf
-  lr=$($PY -c "print(0.8 * $PRE_BATCH / 512)")
-  warm=$(( iters / 10 > 1 ? iters / 10 : 1 ))
-  erf=$(( iters / 2 > 1 ? iters / 2 : 1 ))
-  local t0=$SECONDS
-  $PY projects/MontagePretrain/train_net.py \
-    --config-file projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml \
-    MONTAGE.BANK "$WORK/bank.h5" OUTPUT_DIR "$WORK/pretrain" MODEL.DEVICE $DEVICE SEED 0 \
-    SOLVER.IMS_PER_BATCH $PRE_BATCH SOLVER.BASE_LR "$lr" SOLVER.MAX_ITER "$iters" \
-    SOLVER.WARMUP_ITERS $warm SOLVER.CHECKPOINT_PERIOD 1000000 SOLVER.AMP.ENABLED $AMP \
-    MONTAGE.INPUT_SIZE $PRE_SIZE MONTAGE.CHANNELS_LAST $AMP MONTAGE.ERF_PERIOD $erf \
-    DATALOADER.NUM_WORKERS $PRE_WORKERS TEST.PRECISE_BN.NUM_ITER 5 \
-    > "$WORK/pretrain.log" 2>&1 || { tail -20 "$WORK/pretrain.log"; return 1; }
-  local pre_s=$((SECONDS - t0))
-  local export_path
-  export_path=$(ls "$WORK"/pretrain/*.pkl | head -1)
-  # LR 0.01 for both arms, not scaled to FT_BATCH: on an H200 (2026-11-27) the linear rule's
-  # 0.04 left the BN hand-off at AP 0.0 (scratch GN 73.5); 0.01 gave 62.0 (scratch 71.9).
-  local ft_lr=${FT_LR:-0.01}
-  # The two fine-tunings share the GPU, side by side: same schedule, seed and data.
-  local common=(--train-json "$train_json" --train-images "$train_dir" --val-json "$val_json"
-                --val-images "$val_dir" SEED 0 MODEL.DEVICE $DEVICE SOLVER.MAX_ITER $FT_ITER
-                SOLVER.STEPS "($((FT_ITER * 4 / 5)),)" SOLVER.WARMUP_ITERS $((FT_ITER / 10 + 1))
-                SOLVER.IMS_PER_BATCH $FT_BATCH SOLVER.BASE_LR "$ft_lr"
-                DATALOADER.NUM_WORKERS $FT_WORKERS "${FT_SIZE[@]}")
-  t0=$SECONDS
-  $PY projects/MontagePretrain/finetune_net.py --config-file \
-    projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml \
-    "${common[@]}" MODEL.WEIGHTS "$export_path" OUTPUT_DIR "$WORK/ft_montage" \
-    > "$WORK/ft_montage.log" 2>&1 &
-  local pid=$!
-  $PY projects/MontagePretrain/finetune_net.py --config-file \
-    projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml \
-    "${common[@]}" MODEL.WEIGHTS "" OUTPUT_DIR "$WORK/ft_scratch" > "$WORK/ft_scratch.log" 2>&1
-  local rc_scratch=$?
-  wait $pid
-  local rc_montage=$?
-  local ft_s=$((SECONDS - t0))
-  [ $rc_montage = 0 ] || tail -20 "$WORK/ft_montage.log"
-  [ $rc_scratch = 0 ] || tail -20 "$WORK/ft_scratch.log"
-  $PY - "$OUT/experiment.json" "$WORK" "$data" "$iters" "$PRE_BATCH" "$PRE_SIZE" "$pre_s" \
-      "$FT_ITER" "$FT_BATCH" "$ft_s" "${rate:-}" "$ft_lr" <<'PY'
-import json, math, os, sys
-out, work, data, iters, batch, size, pre_s, ft_iter, ft_batch, ft_s, rate, ft_lr = sys.argv[1:]
-from builder.info import summarize_bank
-bank = summarize_bank(os.path.join(work, "bank.h5"))
-rec = {"data": data, "bank": {k: bank[k] for k in ("num_samples", "positives", "negatives")},
-       "pretrain": {"config": "configs/demo/montage_R_18_toy.yaml", "iterations": int(iters),
-                    "montages_per_iter": int(batch), "input_size": int(size),
-                    "wall_s": int(pre_s), "rate_used": float(rate) if rate else None},
-       "finetune": {"iterations": int(ft_iter), "ims_per_batch": int(ft_batch),
-                    "base_lr": float(ft_lr), "wall_s_both": int(ft_s)}}
-metrics = os.path.join(work, "pretrain", "metrics.json")
-if os.path.isfile(metrics):
-    last = [json.loads(l) for l in open(metrics) if "montage/crop_acc" in l]
-    if last:
-        rec["pretrain"]["crop_acc_last"] = last[-1]["montage/crop_acc"]
-for arm in ("montage", "scratch"):
-    path = os.path.join(work, f"ft_{arm}", "metrics_final.json")
-    rec[arm] = json.load(open(path)) if os.path.isfile(path) else {"error": "no metrics_final.json"}
-    # The loss curve says why an AP is what it is (a collapse, a divergence) when logs stay there.
-    events = os.path.join(work, f"ft_{arm}", "metrics.json")
-    if os.path.isfile(events):
-        rows = [json.loads(l) for l in open(events) if '"total_loss"' in l]
-        losses = [r["total_loss"] for r in rows]
-        rec[arm]["loss_trace"] = [[r["iteration"], round(r["total_loss"], 4)]
-                                  for r in rows[:: max(1, len(rows) // 12)]]
-        rec[arm]["loss_max"] = max(losses) if losses else None
-        rec[arm]["loss_finite"] = all(math.isfinite(x) for x in losses)
-json.dump(rec, open(out, "w"), indent=1)
-for arm in ("montage", "scratch"):
-    print(arm, (rec[arm].get("bbox") or rec[arm]))
-PY
-  [ $rc_montage = 0 ] && [ $rc_scratch = 0 ]
+  # The long protocol in one call (scripts/gpu_experiment.py, issue 20): one pre-training, then
+  # scratch_bn / erf_init (the default export) / erf (the export as trained) into the same
+  # trainable-BN R-18 FPN detector, for FT_SEEDS at FT_ITER (>= 30 epochs of chess train) and
+  # for the first seed at FT_SHORT too, all side by side. LR 0.01 for every arm, not scaled to
+  # FT_BATCH: on an H200 (2026-11-27) the linear rule's 0.04 left the BN hand-off at AP 0.0.
+  $PY scripts/gpu_experiment.py --work "$WORK/exp" --out "$OUT/experiment.json" \
+    --bank "$WORK/bank.h5" --train-json "$train_json" --train-images "$train_dir" \
+    --val-json "$val_json" --val-images "$val_dir" --device $DEVICE --amp $AMP \
+    --pre-batch $PRE_BATCH --pre-size $PRE_SIZE --pre-iters "$iters" --pre-workers $PRE_WORKERS \
+    --ft-iters $FT_ITER --ft-short $FT_SHORT --ft-batch $FT_BATCH --ft-workers $FT_WORKERS \
+    --ft-lr "${FT_LR:-0.01}" --seeds "$FT_SEEDS" -- "${FT_SIZE[@]}"
 }
 run_step experiment "$CAP_EXP" bash -c "$(declare -f experiment log); $(declare -p \
   KIT WORK OUT DRY PY PRE_BATCH PRE_SIZE PRE_WORKERS PRE_SECONDS PRE_MIN_ITER PRE_MAX_ITER \
-  FT_ITER FT_BATCH FT_WORKERS FT_LR DEVICE AMP); experiment"
+  FT_ITER FT_SHORT FT_SEEDS FT_BATCH FT_WORKERS FT_LR DEVICE AMP); experiment"
 
 log "done: $(ls "$OUT" | tr '\n' ' ')"
 $PY -c "

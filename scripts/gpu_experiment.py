@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""
+The long protocol in one device call (issue 20): does the default Montage hand-off beat the same
+detector from random init once fine-tuning is long enough for random init to converge?
+
+    python scripts/gpu_experiment.py --work W --out OUT/experiment.json --bank W/bank.h5 \\
+        --train-json ... --train-images ... --val-json ... --val-images ...
+
+scripts/gpu_check.sh's ``experiment`` step calls it (``--dry-run``: tiny sizes on the CPU).
+
+1. Pre-trains R-18 once (configs/demo/montage_R_18_toy.yaml at ``--pre-batch`` montages x
+   ``--pre-size`` px, LR 0.8 x batch / 512, warm-up 10 %): the export train_net.py writes by
+   default (``init``: BN-followed conv filters at their init norm, same outputs), and the same
+   checkpoint exported as trained (``montage-export --weight-scale trained``, the hand-off
+   before issue 20). Both exports' filter norms against Detectron2's init are recorded.
+2. Fine-tunes, all side by side on the device, the toy R-18 FPN detector (trainable BN, FREEZE_AT
+   0; only MODEL.WEIGHTS differs between arms): ``scratch_bn`` (random init), ``erf_init`` (the
+   default export) and ``erf`` (the export as trained), for every ``--seeds`` at ``--ft-iters``
+   and for the first seed at ``--ft-short`` too (0 = none). Every run traces its first 100
+   iterations (finetune_net.py --trace-iters: per-stage relative updates).
+3. Writes ``--out`` after each phase: AP per run, loss trace, max loss, the trace summary, and the
+   paired difference of each pre-trained arm to scratch_bn per seed and length.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRE_CONFIG = "projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml"
+FT_CONFIG = "projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml"
+ARMS = ("scratch_bn", "erf_init", "erf")
+STAGES = ("stem", "res2", "res3", "res4", "res5", "fpn")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--bank", required=True)
+    for flag in ("train-json", "train-images", "val-json", "val-images"):
+        p.add_argument(f"--{flag}", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--amp", default="True")
+    p.add_argument("--pre-batch", type=int, default=512)
+    p.add_argument("--pre-size", type=int, default=224)
+    p.add_argument("--pre-iters", type=int, default=300)
+    p.add_argument("--pre-workers", type=int, default=12)
+    p.add_argument("--ft-iters", type=int, default=500)
+    p.add_argument("--ft-short", type=int, default=100)
+    p.add_argument("--ft-batch", type=int, default=16)
+    p.add_argument("--ft-workers", type=int, default=1)
+    p.add_argument("--ft-lr", type=float, default=0.01)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--trace-iters", type=int, default=100)
+    p.add_argument("ft_opts", nargs=argparse.REMAINDER, help="extra fine-tuning opts (sizes)")
+    return p.parse_args(argv)
+
+
+def save(path, rec):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rec, f, indent=1)
+    os.replace(tmp, path)
+
+
+def pretrain(a, rec):
+    d = os.path.join(a.work, "pretrain")
+    lr = 0.8 * a.pre_batch / 512
+    cmd = [sys.executable, "projects/MontagePretrain/train_net.py", "--config-file", PRE_CONFIG,
+           "MONTAGE.BANK", a.bank, "OUTPUT_DIR", d, "MODEL.DEVICE", a.device, "SEED", "0",
+           "SOLVER.IMS_PER_BATCH", str(a.pre_batch), "SOLVER.BASE_LR", str(lr),
+           "SOLVER.MAX_ITER", str(a.pre_iters),
+           "SOLVER.WARMUP_ITERS", str(max(1, a.pre_iters // 10)),
+           "SOLVER.CHECKPOINT_PERIOD", "1000000", "SOLVER.AMP.ENABLED", a.amp,
+           "MONTAGE.INPUT_SIZE", str(a.pre_size), "MONTAGE.CHANNELS_LAST", a.amp,
+           "MONTAGE.ERF_PERIOD", str(max(1, a.pre_iters // 2)),
+           "DATALOADER.NUM_WORKERS", str(a.pre_workers), "TEST.PRECISE_BN.NUM_ITER", "5"]
+    t0 = time.time()
+    with open(os.path.join(a.work, "pretrain.log"), "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    rec["pretrain"] = dict(config=PRE_CONFIG, iterations=a.pre_iters, montages=a.pre_batch,
+                           size=a.pre_size, lr=lr, rc=rc, wall_s=round(time.time() - t0, 1))
+    if rc:
+        return None
+    default = os.path.join(d, "montage_backbone.pkl")
+    trained = os.path.join(a.work, "montage_backbone_trained.pkl")
+    subprocess.run([sys.executable, "-m", "montage_pretrain.export", "--config-file",
+                    os.path.join(d, "config.yaml"), "--checkpoint",
+                    os.path.join(d, "model_final.pth"), "--out", trained,
+                    "--weight-scale", "trained"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    from montage_pretrain.export_format import read_export
+    from montage_pretrain.weight_scale import stage_scale_summary
+
+    rec["pretrain"]["norm_ratio_as_trained"] = {
+        s: round(v["norm_ratio"], 3) for s, v in stage_scale_summary(
+            read_export(trained).weights).items()}
+    rec["pretrain"]["norm_ratio_default_export"] = {
+        s: round(v["norm_ratio"], 3) for s, v in stage_scale_summary(
+            read_export(default).weights).items()}
+    metrics = os.path.join(d, "metrics.json")
+    if os.path.isfile(metrics):
+        rows = [json.loads(x) for x in open(metrics) if '"total_loss"' in x]
+        rec["pretrain"]["loss_trace"] = [[r["iteration"], round(r["total_loss"], 4)]
+                                         for r in rows]
+    return {"scratch_bn": "", "erf_init": default, "erf": trained}
+
+
+def jobs(a):
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    out = [(arm, s, a.ft_iters) for s in seeds for arm in ARMS]
+    if a.ft_short:
+        out += [(arm, seeds[0], a.ft_short) for arm in ARMS]
+    return out
+
+
+def finetune_all(a, weights, rec):
+    procs = []
+    for arm, seed, iters in jobs(a):
+        d = os.path.join(a.work, f"ft_{arm}_s{seed}_{iters}")
+        cmd = [sys.executable, "projects/MontagePretrain/finetune_net.py",
+               "--trace-iters", str(a.trace_iters), "--config-file", FT_CONFIG,
+               "--train-json", a.train_json, "--train-images", a.train_images,
+               "--val-json", a.val_json, "--val-images", a.val_images,
+               "MODEL.WEIGHTS", weights[arm], "OUTPUT_DIR", d, "SEED", str(seed),
+               "MODEL.DEVICE", a.device, "SOLVER.MAX_ITER", str(iters),
+               "SOLVER.STEPS", f"({iters * 4 // 5},)", "SOLVER.WARMUP_ITERS", str(iters // 10 + 1),
+               "SOLVER.IMS_PER_BATCH", str(a.ft_batch), "SOLVER.BASE_LR", str(a.ft_lr),
+               "DATALOADER.NUM_WORKERS", str(a.ft_workers)] + a.ft_opts
+        os.makedirs(d, exist_ok=True)
+        log = open(os.path.join(d, "stdout.log"), "w")
+        procs.append(((arm, seed, iters, d), log,
+                      subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
+    t0 = time.time()
+    runs = []
+    for (arm, seed, iters, d), log, proc in procs:  # every pid waited for by name
+        rc = proc.wait()
+        log.close()
+        runs.append(summarize_run(arm, seed, iters, d, rc))
+    rec["finetune"] = dict(config=FT_CONFIG, ims_per_batch=a.ft_batch, base_lr=a.ft_lr,
+                           side_by_side=len(procs), wall_s_all=round(time.time() - t0, 1))
+    rec["runs"] = runs
+    rec["paired"] = paired(runs)
+
+
+def summarize_run(arm, seed, iters, d, rc):
+    run = dict(arm=arm, seed=seed, iters=iters, rc=rc)
+    path = os.path.join(d, "metrics_final.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            m = json.load(f)
+        run["bbox"] = {k: m["bbox"].get(k) for k in ("AP", "AP50", "AP75")}
+        for k in ("s_per_iter", "iterations_run", "backbone_tensors_loaded"):
+            run[k] = m.get(k)
+    events = os.path.join(d, "metrics.json")
+    if os.path.isfile(events):
+        rows = [json.loads(x) for x in open(events) if '"total_loss"' in x]
+        losses = [r["total_loss"] for r in rows]
+        run["loss_trace"] = [[r["iteration"], round(r["total_loss"], 4)]
+                             for r in rows[:: max(1, len(rows) // 12)]]
+        run["loss_max"] = max(losses) if losses else None
+        run["loss_finite"] = all(math.isfinite(x) for x in losses)
+    trace = os.path.join(d, "handoff_trace.json")
+    if os.path.isfile(trace):
+        with open(trace) as f:
+            rows = json.load(f)["rows"]
+        run["rel_update_mean"] = {g: statistics.mean(r[g]["rel_update"] for r in rows if g in r)
+                                  for g in STAGES if any(g in r for r in rows)}
+    return run
+
+
+def paired(runs):
+    """AP of each pre-trained arm minus scratch_bn's, same seed and length."""
+    ap = {(r["arm"], r["seed"], r["iters"]): (r.get("bbox") or {}).get("AP") for r in runs}
+    out = []
+    for (arm, seed, iters), v in sorted(ap.items()):
+        ref = ap.get(("scratch_bn", seed, iters))
+        if arm != "scratch_bn" and v is not None and ref is not None:
+            out.append(dict(arm=arm, seed=seed, iters=iters, delta_AP=round(v - ref, 2)))
+    return out
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.ft_opts and a.ft_opts[0] == "--":
+        a.ft_opts = a.ft_opts[1:]
+    os.makedirs(a.work, exist_ok=True)
+    rec = dict(arms=list(ARMS), jobs=[list(j) for j in jobs(a)])
+    weights = pretrain(a, rec)
+    save(a.out, rec)
+    if weights is None:
+        print("pre-training failed: see", os.path.join(a.work, "pretrain.log"))
+        return 1
+    finetune_all(a, weights, rec)
+    save(a.out, rec)
+    for r in rec["runs"]:
+        print(r["arm"], "seed", r["seed"], r["iters"], "it: AP",
+              (r.get("bbox") or {}).get("AP"), "rc", r["rc"])
+    for p in rec["paired"]:
+        print(f"{p['arm']} - scratch_bn, seed {p['seed']}, {p['iters']} it: {p['delta_AP']:+.2f}")
+    return 0 if all(r["rc"] == 0 for r in rec["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
