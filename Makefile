@@ -46,6 +46,10 @@ CLIP_GRAD   ?=#                                     compare: gradient-norm clip 
 COMPARE_THREADS ?= 1#                               compare: OMP/MKL/torch threads of every step (pinned, recorded)
 COMPARE_WORKERS ?= 1#                               compare: DATALOADER.NUM_WORKERS, 0 or 1 (pinned, recorded)
 COMPARE_OUT ?= output/compare#                      compare: results.json, table.md, charts, runs; shareable by processes
+PROTOCOL    ?= short#                                compare: short (one length) or long (AP against fine-tuning length, scripts/long_protocol.py)
+LANES       ?= 2#                                    compare PROTOCOL=long: processes sharing the job queue
+LENGTHS     ?= auto#                                 compare PROTOCOL=long: fine-tuning iterations, auto = 200 doubled up to 30 epochs
+LONG_SEEDS  ?= 0,1,2#                                compare PROTOCOL=long: seeds at the longest length (seed 0 at every length)
 _CMP_BY_PATH = $(filter-out file default undefined,$(foreach v,DATA_ROOT TRAIN_JSON TRAIN_IMAGES VAL_JSON VAL_IMAGES,$(origin $(v))))
 
 .PHONY: help setup test toy samples pretrain finetune demo bench bench-stability bench-gpu gpu-kit compare clean
@@ -111,6 +115,16 @@ gpu-kit: setup ## write .gpu-kit/ (wheels, Detectron2, chess) for scripts/gpu_ch
 	PYTHON=$(PY) bash scripts/make_gpu_kit.sh
 
 compare: setup ## will Montage help on this data? arms vs scratch over SEEDS: paired AP, probes (QUICK=1: smoke)
+ifeq ($(PROTOCOL),long)
+	OMP_NUM_THREADS=$(COMPARE_THREADS) MKL_NUM_THREADS=$(COMPARE_THREADS) $(PY) scripts/long_protocol.py \
+	    --quick $(QUICK) --out $(COMPARE_OUT) $(if $(_CMP_BY_PATH),--train-json $(TRAIN_JSON) \
+	    --train-images $(TRAIN_IMAGES) --val-json $(VAL_JSON) --val-images $(VAL_IMAGES) \
+	    $(if $(COMPARE_NAME),--name $(COMPARE_NAME)),--dataset $(DATASET) --eval-split $(EVAL_SPLIT)) \
+	    $(if $(ARMS),--arms $(ARMS)) --seeds $(LONG_SEEDS) --lengths $(LENGTHS) --lanes $(LANES) \
+	    $(if $(CLIP_GRAD),--clip-grad $(CLIP_GRAD)) $(if $(PRETRAIN_ITERS),--pretrain-iters $(PRETRAIN_ITERS)) \
+	    $(if $(FT_MIN_SIZE),--ft-min-size $(FT_MIN_SIZE)) \
+	    --threads $(COMPARE_THREADS) --workers $(COMPARE_WORKERS) --bank-workers $(WORKERS)
+else
 	OMP_NUM_THREADS=$(COMPARE_THREADS) MKL_NUM_THREADS=$(COMPARE_THREADS) $(PY) scripts/compare.py \
 	    --quick $(QUICK) --out $(COMPARE_OUT) $(if $(_CMP_BY_PATH),--train-json $(TRAIN_JSON) \
 	    --train-images $(TRAIN_IMAGES) --val-json $(VAL_JSON) --val-images $(VAL_IMAGES) \
@@ -122,6 +136,7 @@ compare: setup ## will Montage help on this data? arms vs scratch over SEEDS: pa
 	    $(if $(filter 1,$(FROZEN)),--frozen) $(if $(filter 0,$(PROBES)),--no-probes) \
 	    $(if $(filter-out 0,$(SCRATCH_LONG)),--table3 $(if $(filter 1,$(SCRATCH_LONG)),erf,$(SCRATCH_LONG))) \
 	    --threads $(COMPARE_THREADS) --workers $(COMPARE_WORKERS) --bank-workers $(WORKERS)
+endif
 
 clean: ## remove outputs and caches (keeps the venv)
 	rm -rf output .pytest_cache

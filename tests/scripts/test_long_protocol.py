@@ -115,3 +115,19 @@ def test_mocked_protocol_runs_every_length_once_and_resumes(proto, compare, tmp_
                       and r["arm"] == "scratch_bn" and r["seed"] == 1)
     assert "--resume" in redone["command"] and redone["resumed_from"] == "model_0000019.pth"
     assert not os.path.exists(os.path.join(victim["run_dir"], "model_0000019.pth"))
+
+
+def test_make_compare_protocol_long_reaches_long_protocol_py(proto):
+    import shlex
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    text = subprocess.run(["make", "-n", "--no-print-directory", "compare", "PROTOCOL=long",
+                           "DATASET=chess", "ARMS=scratch_bn,erf_init", "LONG_SEEDS=0,1",
+                           "LENGTHS=100,300", "LANES=3", "COMPARE_OUT=o"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout
+    line = next(x for x in text.replace("\\\n", " ").splitlines() if "long_protocol.py" in x)
+    words = shlex.split(line)
+    args = proto.parse_args(words[words.index("scripts/long_protocol.py") + 1:])
+    assert (args.dataset, args.arms, args.seeds, args.lengths, args.lanes, args.out) == (
+        "chess", "scratch_bn,erf_init", "0,1", "100,300", 3, "o")
