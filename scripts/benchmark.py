@@ -810,7 +810,9 @@ def stability_run(b, config, opts, spec):
 
 def task_stability(b):
     """Every shipped pre-training config at 512 montages and its LR: max loss, all finite?"""
-    spec = STABILITY[b.args.size]
+    spec = dict(STABILITY[b.args.size])
+    if getattr(b.args, "stability_configs", None):
+        spec["runs"] = [(c, ()) for c in b.args.stability_configs]
     r = Results(spec={k: v for k, v in spec.items() if k != "runs"}, runs=[])
     for config, opts in spec["runs"]:
         run = stability_run(b, config, opts, spec)
@@ -878,6 +880,9 @@ def parse_args(argv=None):
     p.add_argument("--bank", default="", help="HDF5 sample bank (default: toy bank built here)")
     p.add_argument("--workers", type=lambda v: [int(w) for w in v.split(",")],
                    help="comma-separated loader worker counts (default: the size's)")
+    p.add_argument("--stability-configs", type=lambda v: [c for c in v.split(",") if c],
+                   help="stability: comma-separated configs under projects/MontagePretrain/"
+                        "configs (default: the size's list)")
     p.add_argument("--annotations", help="builder: COCO json (default: coco_tiny, else toy)")
     p.add_argument("--images", help="builder: the image folder of --annotations")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: unchanged with "

@@ -103,6 +103,15 @@ def pretrain(a, rec):
     rec["pretrain"]["norm_ratio_default_export"] = {
         s: round(v["norm_ratio"], 3) for s, v in stage_scale_summary(
             read_export(default).weights).items()}
+    # Per stage, both exports against random init on 8 training images (CPU, seconds): filter
+    # norms, effective step, BN statistics fit, activation RMS, feature rank (issue 20).
+    diag = os.path.join(a.work, "diagnosis.json")
+    subprocess.run([sys.executable, "scripts/diagnose_handoff.py", "--images", a.train_images,
+                    "--weights", trained, "--weights", default, "--json", diag], cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if os.path.isfile(diag):
+        with open(diag) as f:
+            rec["pretrain"]["diagnosis"] = json.load(f)["results"]
     metrics = os.path.join(d, "metrics.json")
     if os.path.isfile(metrics):
         rows = [json.loads(x) for x in open(metrics) if '"total_loss"' in x]

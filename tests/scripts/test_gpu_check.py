@@ -35,6 +35,8 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert exp["pretrain"]["iterations"] == 4 and exp["pretrain"]["rc"] == 0
     # the default export is at init scale, the as-trained one is not (measured per stage)
     assert all(abs(v - 1) < 0.05 for v in exp["pretrain"]["norm_ratio_default_export"].values())
+    diag = exp["pretrain"]["diagnosis"]  # random init + both exports, per stage
+    assert len(diag) == 3 and all("res5" in d and "pr" in d["res5"] for d in diag.values())
     runs = {r["arm"]: r for r in exp["runs"]}
     assert sorted(runs) == ["erf", "erf_init", "scratch_bn"] and len(exp["runs"]) == 3
     for r in exp["runs"]:
