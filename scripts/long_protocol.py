@@ -393,8 +393,12 @@ def chart(proto, values, arms, path):
         style = "--" if C.pretrain_arm(a) is None else "-"
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o" + style, color=f"C{i}", capsize=3, label=a)
         ax_c.plot(cx, ys, "o" + style, color=f"C{i}", label=a)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     for a_ in (ax, ax_c):
         a_.set_xscale("log")
+        a_.xaxis.set_major_formatter(ScalarFormatter())
+        a_.xaxis.set_minor_formatter(NullFormatter())  # a narrow range: no crowded minor labels
         a_.set_ylabel(f"box AP ({proto.base['split']})")
         a_.grid(alpha=0.3)
     ax.set_xlabel("fine-tuning epochs (log)")
