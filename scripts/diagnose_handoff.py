@@ -37,7 +37,8 @@ from tabulate import tabulate
 
 from montage_pretrain.diagnostics import participation_ratio
 from montage_pretrain.export_format import read_export
-from montage_pretrain.weight_scale import reset_to_init_scale, stage_of, stage_scale_summary
+from montage_pretrain.export import rescale_export
+from montage_pretrain.weight_scale import stage_of, stage_scale_summary
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from feature_rank import DEFAULT_CONFIG, build, load_config, load_images  # noqa: E402
@@ -118,20 +119,19 @@ def diagnose(model, images):
 
 def write_variant(weights_path, variant, out_path, cfg, seed):
     """Writes ``variant`` of the export at ``weights_path`` to ``out_path`` (same settings)."""
+    if variant == "init_scale":  # the export's own rescale (montage-export's code path)
+        return rescale_export(weights_path, out_path)
     export = read_export(weights_path)
     data = dict(export.checkpoint)
     weights = dict(data["model"])
-    if variant == "init_scale":
-        weights, summary = reset_to_init_scale(weights)
-    else:
-        stages = ("res5",) if variant == "reinit_res5" else ("res4", "res5")
-        torch.manual_seed(seed)
-        model, _ = build(cfg, "")
-        fresh = bare_backbone_weights(model)
-        changed = [k for k in weights if stage_of(k) in stages and k in fresh]
-        for k in changed:
-            weights[k] = fresh[k].astype(weights[k].dtype)
-        summary = dict(reinitialised=len(changed), stages=list(stages), seed=seed)
+    stages = ("res5",) if variant == "reinit_res5" else ("res4", "res5")
+    torch.manual_seed(seed)
+    model, _ = build(cfg, "")
+    fresh = bare_backbone_weights(model)
+    changed = [k for k in weights if stage_of(k) in stages and k in fresh]
+    for k in changed:
+        weights[k] = fresh[k].astype(weights[k].dtype)
+    summary = dict(reinitialised=len(changed), stages=list(stages), seed=seed)
     data["model"] = weights
     if isinstance(data.get("montage"), dict):
         data["montage"] = dict(data["montage"], variant=variant)
