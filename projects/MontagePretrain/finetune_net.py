@@ -15,7 +15,8 @@ Fine-tunes a stock Detectron2 detector from a Montage backbone export and report
   ``torch.load(weights_only=True)`` otherwise), for ``MODEL.WEIGHTS`` and for the checkpoint
   ``--resume`` finds in ``OUTPUT_DIR/last_checkpoint`` alike, and YAML with ``yaml.safe_load``;
   a refused file, or a missing input file, ends the run with one line before OUTPUT_DIR is
-  written to;
+  written to; a non-finite loss ends it with one line too (iteration, loss terms, knobs to try,
+  last checkpoint with finite weights);
 * results: ``OUTPUT_DIR/metrics_final.json`` holds AP, AP50, AP75, APs, APm, APl per task
   (``bbox``, and ``segm`` for Mask R-CNN; NaN is written as null), ``wall_s`` and ``cpu_s``
   (process plus reaped children, e.g. data-loader workers), and the run's settings.
@@ -55,6 +56,7 @@ from montage_pretrain.loading import (
     read_checked_weights,
     use_safe_checkpointer,
 )
+from montage_pretrain.nonfinite import latest_losses, nonfinite_message
 from montage_pretrain.plain_logs import plain_config_logs
 
 logger = logging.getLogger("montage.finetune")
@@ -236,7 +238,11 @@ def run(args):
         if trainer.load_summary is not None:
             extra["backbone_tensors_loaded"] = trainer.load_summary["loaded"]
         train0 = time.perf_counter()
-        trainer.train()
+        try:
+            trainer.train()
+        except FloatingPointError as e:  # Detectron2's non-finite loss check: one line
+            raise SystemExit(nonfinite_message("finetune_net.py", e, cfg, trainer.iter,
+                                               logged=latest_losses(trainer))) from None
         extra["train_wall_s"] = time.perf_counter() - train0 - Trainer.eval_seconds
         # After a finished run trainer.iter == MAX_ITER.
         extra["iterations_run"] = trainer.iter - trainer.start_iter

@@ -14,7 +14,8 @@ Weight files (``MODEL.WEIGHTS``, and the checkpoint ``--resume`` finds in
 ``OUTPUT_DIR/last_checkpoint``) are read without running code in them (restricted unpickler for
 ``.pkl``, ``torch.load(weights_only=True)`` otherwise). The inputs a user names (the config, the
 bank, the weights) are checked before anything is written to OUTPUT_DIR, and a refused one ends
-the run with one line.
+the run with one line. So does a non-finite loss: the iteration, the loss terms, the knobs to try
+and the last checkpoint with finite weights (:mod:`montage_pretrain.nonfinite`).
 """
 import os
 
@@ -38,6 +39,7 @@ from montage_pretrain.config import merge_config_file
 from montage_pretrain.distributed import cpu_ddp, fit_sync_norms
 from montage_pretrain.export_format import WeightFileError
 from montage_pretrain.loading import check_weights_path, use_safe_checkpointer
+from montage_pretrain.nonfinite import latest_losses, nonfinite_message
 from montage_pretrain.plain_logs import plain_config_logs
 
 
@@ -158,6 +160,9 @@ def main(args):
         return trainer.train()
     except BankFormatError as e:  # a damaged crop met during training
         raise SystemExit(f"train_net.py: {_last_line(e)}") from None
+    except FloatingPointError as e:  # Detectron2's non-finite loss check
+        raise SystemExit(nonfinite_message("train_net.py", e, cfg, trainer.iter,
+                                           cfg.MONTAGE.LOG_PERIOD, latest_losses(trainer))) from None
 
 
 def invoke_main():

@@ -99,8 +99,10 @@ class ExportHook(HookBase):
         self._path = path
 
     def after_train(self):
-        # Only a finished run is exported: an interrupted one re-exports when resumed.
-        if comm.is_main_process() and self.trainer.iter + 1 >= self.trainer.max_iter:
+        # Only a finished run is exported (the loop leaves iter == max_iter): an interrupted
+        # one re-exports when resumed, and one that failed at its last iteration (a non-finite
+        # loss) must not export its weights.
+        if comm.is_main_process() and self.trainer.iter >= self.trainer.max_iter:
             os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
             export_backbone(unwrap_model(self.trainer.model), self._cfg, self._path,
                             iteration=self.trainer.iter)
