@@ -522,7 +522,10 @@ class StepFailed(SystemExit):
         self.log_path, self.wall, self.cpu = log_path, wall, cpu
         with open(log_path, errors="replace") as f:
             tail = f.read()[-20000:]
-        self.diverged = "Training has diverged" in tail or "Loss became infinite or NaN" in tail
+        # finetune_net.py's one line (montage_pretrain/nonfinite.py) or Detectron2's own words
+        self.diverged = any(s in tail for s in ("non-finite loss at iteration",
+                                                "Training has diverged",
+                                                "Loss became infinite or NaN"))
         iters = re.findall(r"iter: (\d+)", tail)
         self.last_iter = int(iters[-1]) if iters else None
 

@@ -556,3 +556,15 @@ def test_clip_off_resolves_the_toy_configs_to_detectron2_defaults(compare):
     assert off == get_cfg().SOLVER.CLIP_GRADIENTS  # as resolved before the configs clipped
     on = finetune_cfg(TOY, *compare.clip_opts(2.5)).SOLVER.CLIP_GRADIENTS
     assert (on.ENABLED, on.CLIP_TYPE, on.CLIP_VALUE) == (True, "norm", 2.5)
+
+
+def test_step_failed_recognises_finetune_nets_one_line(compare, tmp_path):
+    """finetune_net.py ends a non-finite run with its own line (montage_pretrain/nonfinite.py):
+    that is a divergence to record, like Detectron2's own words; another failure is not."""
+    log = tmp_path / "stdout.log"
+    log.write_text("iter: 19  total_loss: 1.5\nfinetune_net.py: non-finite loss at iteration 23: "
+                   "loss_cls nan; try lower SOLVER.BASE_LR (now 0.01)\n")
+    failed = compare.StepFailed(["finetune_net.py"], 1, str(log), 1.0, 2.0)
+    assert failed.diverged and failed.last_iter == 19
+    log.write_text("iter: 19  total_loss: 1.5\nfinetune_net.py: no such file: x.json\n")
+    assert not compare.StepFailed(["finetune_net.py"], 1, str(log), 1.0, 2.0).diverged
