@@ -131,3 +131,8 @@ def test_make_compare_protocol_long_reaches_long_protocol_py(proto):
     args = proto.parse_args(words[words.index("scripts/long_protocol.py") + 1:])
     assert (args.dataset, args.arms, args.seeds, args.lengths, args.lanes, args.out) == (
         "chess", "scratch_bn,erf_init", "0,1", "100,300", 3, "o")
+    assert not args.longest_first
+    text = subprocess.run(["make", "-n", "--no-print-directory", "compare", "PROTOCOL=long",
+                           "LONGEST_FIRST=1"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+    assert "--longest-first" in text
