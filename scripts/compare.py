@@ -16,7 +16,11 @@ and ``erf_fpn``: backbone + pyramid pre-trained together (``MontageFPNClassifier
 pyramid level), whose export also fills the detector's ``backbone.fpn_*``, fine-tuned with erf's
 detector config (its paired baseline, like erf's, is ``scratch_bn``; the report adds the paired
 difference erf_fpn − erf); ``erf_fpn_levels`` is erf_fpn with one classifier per pyramid level
-(``MONTAGE.FPN.SHARED_HEAD False``; the report adds erf_fpn_levels − erf_fpn). Per arm and seed
+(``MONTAGE.FPN.SHARED_HEAD False``; the report adds erf_fpn_levels − erf_fpn); ``erf_init`` /
+``erf_frozenbn_init``: erf's export at init scale (the default export) into erf's two detectors;
+``erf_hot_init`` / ``erf_hot_lowstart_init``: pre-training schedule ablations (the GPU check's
+hot 512-montage recipe at 64 px, warm-up starting at 0.2 or 0.008), init-scale export into erf's
+detector (``HOT_RECIPE``; about 40 CPU-minutes of pre-training each). Per arm and seed
 it measures full fine-tuning AP; the frozen-backbone kNN and linear probes of the export
 (``scripts/probe.py``; random init for ``scratch``), once per pre-training; with ``--frozen``
 the AP of the detector trained with the backbone frozen (``MODEL.BACKBONE.FREEZE_AT 5``: FPN and
@@ -91,8 +95,15 @@ PYRAMID_ARMS = ("erf_fpn", "erf_fpn_levels")
 # statistics with it (output-invariant: montage_pretrain/weight_scale.py), into erf's two
 # detectors (issue 20).
 SCALE_ARMS = ("erf_init", "erf_frozenbn_init")
-ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS + SCALE_ARMS
-ARM_ORDER = ("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS + SCALE_ARMS
+# Pre-training schedule ablations (issue 20): the GPU check's hot recipe (512 montages, LR 0.8,
+# 300 iterations, warm-up over 30 starting at the paper's 0.2 = WARMUP_FACTOR 0.25) on a 64 px
+# canvas the CPU affords, and the same with the warm-up starting at 0.008 (WARMUP_FACTOR 0.01);
+# each is pre-trained once and hands its init-scale export to erf's BN detector.
+HOT_RECIPE = dict(montages=512, lr=0.8, iters=300, warmup=30, input_size=64, erf_period=100)
+SCHEDULE_ARMS = ("erf_hot_init", "erf_hot_lowstart_init")
+ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS + SCALE_ARMS + SCHEDULE_ARMS
+ARM_ORDER = (("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS + SCALE_ARMS
+             + SCHEDULE_ARMS)
 FROZENBN_OPTS = ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2"]
 
 
@@ -127,6 +138,13 @@ def arm_spec(arm):
         opts = list(FROZENBN_OPTS) if arm == "erf_frozenbn_init" else []
         return dict(pretrain_of="erf", config=FINETUNE_CONFIG, opts=opts, weight_scale="init",
                     probe=False, frozen=False, ref="scratch_bn")
+    if arm in SCHEDULE_ARMS:
+        recipe = dict(HOT_RECIPE)
+        if arm == "erf_hot_lowstart_init":
+            recipe["warmup_factor"] = 0.01
+        return dict(pretrain=(PRETRAIN_CONFIG, "erf"), pretrain_recipe=recipe,
+                    config=FINETUNE_CONFIG, opts=[], weight_scale="init", probe=False,
+                    frozen=False, ref="scratch_bn")
     return dict(pretrain=(PRETRAIN_CONFIG, arm), config=FINETUNE_CONFIG, opts=[], probe=True,
                 frozen=True, ref="scratch_bn" if arm == "erf" else "scratch")
 
@@ -425,6 +443,9 @@ def pretrain_settings(plan, arm):
                     erf_period=max(1, n // 3))
     if spec.get("pretrain_opts"):  # absent otherwise: the sids of the other arms unchanged
         settings["opts"] = spec["pretrain_opts"]
+    # A recipe of its own (SCHEDULE_ARMS): replaces iters, warm-up, size, ERF period; adds the
+    # batch, LR and warm-up start, which the other arms take from the config (sids unchanged).
+    settings.update(spec.get("pretrain_recipe", {}))
     return settings
 
 
@@ -508,6 +529,22 @@ def resolved_config_sha1(config_yaml):
         return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     except Exception:  # noqa: BLE001  (a record without it is still usable)
         return None
+
+
+def _last_checkpoint(run_dir):
+    """The checkpoint Detectron2's ``last_checkpoint`` file in ``run_dir`` names, or None."""
+    path = os.path.join(run_dir, "last_checkpoint")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def _remove_intermediate_checkpoints(run_dir):
+    """Drops the ``model_<iter>.pth`` files of a finished run: only model_final.pth is kept."""
+    for name in os.listdir(run_dir):
+        if re.fullmatch(r"model_\d+\.pth", name):
+            os.remove(os.path.join(run_dir, name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,13 +699,29 @@ class Comparison:
                "SOLVER.CHECKPOINT_PERIOD", str(10 ** 7),
                "MONTAGE.ERF_PERIOD", str(settings["erf_period"]),
                "SEED", str(seed), "OUTPUT_DIR", d] + settings.get("opts", []) + self.pinned
+        for key, opt in (("montages", "SOLVER.IMS_PER_BATCH"), ("lr", "SOLVER.BASE_LR"),
+                         ("warmup_factor", "SOLVER.WARMUP_FACTOR")):
+            if key in settings:  # a recipe of its own (SCHEDULE_ARMS)
+                cmd += [opt, str(settings[key])]
+        resumed = None
+        if self.p.get("checkpoint_period"):
+            # Long runs (scripts/long_protocol.py): 6 checkpoints a pre-training, and a rerun
+            # resumes an interrupted one from its last (cpu_s then counts the resumed part).
+            cmd[cmd.index("SOLVER.CHECKPOINT_PERIOD") + 1] = str(max(10, settings["iters"] // 6))
+            resumed = _last_checkpoint(d)
+            if resumed:
+                cmd.insert(2, "--resume")
         # The export as trained: what every pre-training record holds (the sid predates the
         # init-scale default); arms with a weight_scale derive theirs from it (export_for).
         cmd += ["MONTAGE.EXPORT_WEIGHT_SCALE", "trained"]
         wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
+        extra = dict(resumed_from=resumed) if resumed else {}
         rec = self._record(arm, seed, "pretrain", sid, settings, cmd, wall, cpu, d,
                            export=os.path.join(d, EXPORT_NAME),
-                           config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")))
+                           config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")),
+                           **extra)
+        if self.p.get("checkpoint_period"):
+            _remove_intermediate_checkpoints(d)
         print(f"{self.key(arm, seed, 'pretrain', sid)}: {cpu:.0f} CPU-s", flush=True)
         return rec
 
@@ -749,10 +802,8 @@ class Comparison:
             # Long runs (scripts/long_protocol.py): checkpoints, and a rerun resumes an
             # interrupted run from its last one (the data order after it differs).
             cmd += ["SOLVER.CHECKPOINT_PERIOD", str(self.p["checkpoint_period"])]
-            last = os.path.join(d, "last_checkpoint")
-            if os.path.isfile(last):
-                with open(last) as f:
-                    resumed = f.read().strip()
+            resumed = _last_checkpoint(d)
+            if resumed:
                 cmd.insert(2, "--resume")
         if self.p.get("trace_iters"):  # loss and per-stage updates of the first iterations
             cmd[2:2] = ["--trace-iters", str(self.p["trace_iters"])]
@@ -778,10 +829,8 @@ class Comparison:
             diverged_after_iter=diverged, resumed_from=resumed,
             config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")))
         m = metrics[self.val_key]
-        if self.p.get("checkpoint_period"):  # only model_final.pth is kept
-            for name in os.listdir(d):
-                if re.fullmatch(r"model_\d+\.pth", name):
-                    os.remove(os.path.join(d, name))
+        if self.p.get("checkpoint_period"):
+            _remove_intermediate_checkpoints(d)
         if diverged is not None:
             print(f"{self.key(arm, seed, step, sid)}: DIVERGED after iteration {diverged} "
                   f"(recorded as AP 0; {os.path.join(d, 'stdout.log')})", flush=True)

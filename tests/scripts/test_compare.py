@@ -568,3 +568,40 @@ def test_step_failed_recognises_finetune_nets_one_line(compare, tmp_path):
     assert failed.diverged and failed.last_iter == 19
     log.write_text("iter: 19  total_loss: 1.5\nfinetune_net.py: no such file: x.json\n")
     assert not compare.StepFailed(["finetune_net.py"], 1, str(log), 1.0, 2.0).diverged
+
+
+def test_schedule_arms_pretrain_their_own_recipe(compare, tmp_path, monkeypatch):
+    """erf_hot_init / erf_hot_lowstart_init: each its own pre-training, with the hot recipe in
+    its settings (so in its sid) and its command (batch, LR, iterations, warm-up and its start,
+    canvas), handed on at init scale; erf's settings do not change."""
+    fake = FakeSteps(compare.EXPORT_NAME)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
+    import montage_pretrain.export as export
+
+    monkeypatch.setattr(export, "rescale_export",
+                        lambda src, dst: open(dst, "w").close() or {})
+    out = tmp_path / "out"
+    compare.main(["--out", str(out), "--quick", "1", "--no-probes", "--seeds", "0",
+                  "--arms", "scratch_bn,erf,erf_hot_init,erf_hot_lowstart_init",
+                  "--train-json", str(data / "train/_annotations.coco.json"),
+                  "--train-images", str(data / "train"),
+                  "--val-json", str(data / "valid/_annotations.coco.json"),
+                  "--val-images", str(data / "valid")])
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    pre = {r["arm"]: r for r in results.values() if r["step"] == "pretrain"}
+    assert sorted(pre) == ["erf", "erf_hot_init", "erf_hot_lowstart_init"]
+    for arm in ("erf_hot_init", "erf_hot_lowstart_init"):
+        opts = dict(zip(pre[arm]["command"].split(), pre[arm]["command"].split()[1:]))
+        assert (opts["SOLVER.IMS_PER_BATCH"], opts["SOLVER.BASE_LR"], opts["SOLVER.MAX_ITER"],
+                opts["SOLVER.WARMUP_ITERS"], opts["MONTAGE.INPUT_SIZE"]) == (
+                    "512", "0.8", "300", "30", "64")
+        assert pre[arm]["settings"]["montages"] == 512
+    assert "SOLVER.WARMUP_FACTOR" not in pre["erf_hot_init"]["command"]
+    assert "SOLVER.WARMUP_FACTOR 0.01" in pre["erf_hot_lowstart_init"]["command"]
+    assert pre["erf_hot_init"]["sid"] != pre["erf_hot_lowstart_init"]["sid"]
+    assert "SOLVER.IMS_PER_BATCH" not in pre["erf"]["command"]
+    assert not {"montages", "lr", "warmup_factor"} & set(pre["erf"]["settings"])
+    ft = {r["arm"]: r for r in results.values() if r["step"] == "finetune"}
+    assert ft["erf_hot_init"]["weights"].endswith("_init_scale.pkl")
+    assert ft["erf_hot_init"]["weights"].startswith(os.path.dirname(pre["erf_hot_init"]["export"]))

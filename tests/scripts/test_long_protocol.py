@@ -136,3 +136,39 @@ def test_make_compare_protocol_long_reaches_long_protocol_py(proto):
                            "LONGEST_FIRST=1"], cwd=root, capture_output=True, text=True,
                           check=True).stdout
     assert "--longest-first" in text
+
+
+def test_interrupted_pretraining_resumes(proto, compare, tmp_path, monkeypatch):
+    """The long protocol's pre-trainings checkpoint 6 times and a rerun resumes an interrupted
+    one with --resume (recorded as resumed_from); the intermediate files go once it finishes."""
+    fake = FakeSteps(compare.EXPORT_NAME)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--quick", "1", "--arms", "scratch_bn,erf", "--seeds", "0",
+            "--lengths", "12", "--train-json", str(data / "train/_annotations.coco.json"),
+            "--train-images", str(data / "train"),
+            "--val-json", str(data / "valid/_annotations.coco.json"),
+            "--val-images", str(data / "valid"), "--name", "mine"]
+    assert proto.main(argv) == 0
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    key, pre = next((k, r) for k, r in results.items() if r["step"] == "pretrain")
+    assert "SOLVER.CHECKPOINT_PERIOD 10 " in pre["command"] and "--resume" not in pre["command"]
+    # interrupted after its checkpoint at iteration 9: the record and the export are not there,
+    # nor the fine-tuning that needs them
+    del results[key]
+    del results[next(k for k, r in results.items() if r["arm"] == "erf")]
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f)
+    os.remove(pre["export"])
+    with open(os.path.join(pre["run_dir"], "last_checkpoint"), "w") as f:
+        f.write("model_0000009.pth")
+    open(os.path.join(pre["run_dir"], "model_0000009.pth"), "w").close()
+    fake.calls.clear()
+    assert proto.main(argv) == 0
+    assert [c[0] for c in fake.calls] == ["train_net.py", "finetune_net.py"]
+    with open(out / "results.json") as f:
+        redone = json.load(f)[key]
+    assert "train_net.py --resume " in redone["command"]
+    assert redone["resumed_from"] == "model_0000009.pth"
+    assert not os.path.exists(os.path.join(pre["run_dir"], "model_0000009.pth"))
