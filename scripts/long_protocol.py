@@ -235,8 +235,9 @@ class Protocol:
         pre, weights = None, ""
         if C.pretrain_arm(a):
             # One pre-training per arm and seed, shared by every length: the first lane to get
-            # there runs it, the others wait for its record.
-            with C._dir_lock(os.path.join(self.out, "locks", "pretrain")):
+            # there runs it, the others wait for its record (other pre-trainings go on).
+            lock = os.path.join(self.out, "locks", "pretrain", f"{C.pretrain_arm(a)}-seed{s}")
+            with C._dir_lock(lock):
                 self.results.update(self._read())
                 pre = cmp.pretrain(a, s)
             weights = cmp.export_for(a, pre)
