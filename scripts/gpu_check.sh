@@ -17,11 +17,12 @@
 #                    bytes to the device / pixel bytes, top 15 CUDA kernels, end-to-end montages/s
 #   stability.jsonl  scripts/benchmark.py --task stability: the pyramid configs at 512 montages x
 #                    224 px (bf16), the unnormalised-FPN control: every loss, finite or not
-#   experiment.json  scripts/gpu_experiment.py: chess (or toy) -> bank -> Montage-ERF R-18
-#                    pre-training -> the default export (init scale) and the export as trained ->
-#                    the same R-18 FPN detector from each and from random init (scratch_bn), 2
-#                    seeds at 32 epochs + 1 seed at 8 epochs, 9 runs side by side -> COCO AP on
-#                    valid, paired differences, per-stage updates of the first 100 iterations
+#   experiment.json  scripts/gpu_experiment.py: chess (or toy) -> bank -> two Montage-ERF R-18
+#                    pre-trainings (warm-up from 0.25 and from 0.01 x LR) -> the default exports
+#                    (init scale) and one as trained -> the same R-18 FPN detector from each and
+#                    from random init (scratch_bn), 2 seeds at 32 epochs (+ 1 seed at 8), 9 runs
+#                    side by side -> COCO AP on valid, paired differences, per-stage updates of
+#                    the first 100 iterations
 #   steps.json       each step's exit code, wall and cap; gpu_check.log: everything printed
 # At most 8 files come back from OUT; intermediate files stay in $WORK.
 set -uo pipefail
@@ -222,10 +223,11 @@ import sys; rate = float(sys.argv[1] or 0); s, b, lo, hi = (float(x) for x in sy
 print(int(min(max(s * rate / b if rate else 300, lo), hi)))
 " "${rate:-}" "$PRE_SECONDS" "$PRE_BATCH" "$PRE_MIN_ITER" "$PRE_MAX_ITER")
   log "pre-training: $iters iterations x $PRE_BATCH montages (measured rate ${rate:-n/a}/s)"
-  # The long protocol in one call (scripts/gpu_experiment.py, issue 20): one pre-training, then
-  # scratch_bn / erf_init (the default export) / erf (the export as trained) into the same
-  # trainable-BN R-18 FPN detector, for FT_SEEDS at FT_ITER (>= 30 epochs of chess train) and
-  # for the first seed at FT_SHORT too, all side by side. LR 0.01 for every arm, not scaled to
+  # The long protocol in one call (scripts/gpu_experiment.py, issue 20): two pre-trainings
+  # (warm-up from 0.25 x LR as always, and from 0.01 x LR), then scratch_bn / erf_init (the
+  # default export) / erf_lowstart_init into the same trainable-BN R-18 FPN detector for
+  # FT_SEEDS at FT_ITER (>= 30 epochs of chess train), erf (the export as trained) for the first
+  # seed, scratch_bn / erf_init for the first seed at FT_SHORT too: 9 runs side by side. LR 0.01 for every arm, not scaled to
   # FT_BATCH: on an H200 (2026-11-27) the linear rule's 0.04 left the BN hand-off at AP 0.0.
   $PY scripts/gpu_experiment.py --work "$WORK/exp" --out "$OUT/experiment.json" \
     --bank "$WORK/bank.h5" --train-json "$train_json" --train-images "$train_dir" \

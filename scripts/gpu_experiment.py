@@ -8,16 +8,21 @@ detector from random init once fine-tuning is long enough for random init to con
 
 scripts/gpu_check.sh's ``experiment`` step calls it (``--dry-run``: tiny sizes on the CPU).
 
-1. Pre-trains R-18 once (configs/demo/montage_R_18_toy.yaml at ``--pre-batch`` montages x
-   ``--pre-size`` px, LR 0.8 x batch / 512, warm-up 10 %): the export train_net.py writes by
-   default (``init``: BN-followed conv filters at their init norm, same outputs), and the same
-   checkpoint exported as trained (``montage-export --weight-scale trained``, the hand-off
-   before issue 20). Both exports' filter norms against Detectron2's init are recorded.
+1. Pre-trains R-18 (configs/demo/montage_R_18_toy.yaml at ``--pre-batch`` montages x
+   ``--pre-size`` px, LR 0.8 x batch / 512, warm-up 10 % from the config's 0.25 x LR): the export
+   train_net.py writes by default (``init``: BN-followed conv filters at their init norm, same
+   outputs), and the same checkpoint exported as trained (``montage-export --weight-scale
+   trained``, the hand-off before issue 20). With ``--lowstart-factor`` (0.01) a second
+   pre-training, the same but for the warm-up's start (``SOLVER.WARMUP_FACTOR``): the candidate
+   fix for the collapse of a hot schedule (project README, "Cause (2)"). Every export's filter
+   norms against Detectron2's init, and a per-stage diagnosis against random init, are recorded.
 2. Fine-tunes, all side by side on the device, the toy R-18 FPN detector (trainable BN, FREEZE_AT
    0; only MODEL.WEIGHTS differs between arms): ``scratch_bn`` (random init), ``erf_init`` (the
-   default export) and ``erf`` (the export as trained), for every ``--seeds`` at ``--ft-iters``
-   and for the first seed at ``--ft-short`` too (0 = none). Every run traces its first 100
-   iterations (finetune_net.py --trace-iters: per-stage relative updates).
+   default export) and ``erf_lowstart_init`` (the low-start pre-training's default export) for
+   every ``--seeds`` at ``--ft-iters``; ``erf`` (the export as trained) for the first seed; and
+   scratch_bn / erf_init for the first seed at ``--ft-short`` too (0 = none): 9 runs with the
+   defaults. Every run traces its first 100 iterations (finetune_net.py --trace-iters:
+   per-stage relative updates).
 3. Writes ``--out`` after each phase: AP per run, loss trace, max loss, the trace summary, and the
    paired difference of each pre-trained arm to scratch_bn per seed and length.
 """
@@ -33,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRE_CONFIG = "projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml"
 FT_CONFIG = "projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml"
-ARMS = ("scratch_bn", "erf_init", "erf")
+ARMS = ("scratch_bn", "erf_init", "erf_lowstart_init", "erf")
 STAGES = ("stem", "res2", "res3", "res4", "res5", "fpn")
 
 
@@ -57,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--ft-lr", type=float, default=0.01)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--trace-iters", type=int, default=100)
+    p.add_argument("--lowstart-factor", type=float, default=0.01,
+                   help="a second pre-training whose warm-up starts at this fraction of the LR "
+                        "(arm erf_lowstart_init; 0: none)")
     p.add_argument("ft_opts", nargs=argparse.REMAINDER, help="extra fine-tuning opts (sizes)")
     return p.parse_args(argv)
 
@@ -68,8 +76,10 @@ def save(path, rec):
     os.replace(tmp, path)
 
 
-def pretrain(a, rec):
-    d = os.path.join(a.work, "pretrain")
+def run_pretraining(a, name, warmup_factor=None):
+    """One R-18 pre-training at the hot recipe (``warmup_factor``: the warm-up's start, the
+    config's 0.25 when None) into ``work/<name>``: (its record, its folder)."""
+    d = os.path.join(a.work, name)
     lr = 0.8 * a.pre_batch / 512
     cmd = [sys.executable, "projects/MontagePretrain/train_net.py", "--config-file", PRE_CONFIG,
            "MONTAGE.BANK", a.bank, "OUTPUT_DIR", d, "MODEL.DEVICE", a.device, "SEED", "0",
@@ -80,12 +90,29 @@ def pretrain(a, rec):
            "MONTAGE.INPUT_SIZE", str(a.pre_size), "MONTAGE.CHANNELS_LAST", a.amp,
            "MONTAGE.ERF_PERIOD", str(max(1, a.pre_iters // 2)),
            "DATALOADER.NUM_WORKERS", str(a.pre_workers), "TEST.PRECISE_BN.NUM_ITER", "5"]
+    if warmup_factor is not None:
+        cmd += ["SOLVER.WARMUP_FACTOR", str(warmup_factor)]
     t0 = time.time()
-    with open(os.path.join(a.work, "pretrain.log"), "w") as log:
+    with open(os.path.join(a.work, f"{name}.log"), "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    rec["pretrain"] = dict(config=PRE_CONFIG, iterations=a.pre_iters, montages=a.pre_batch,
-                           size=a.pre_size, lr=lr, rc=rc, wall_s=round(time.time() - t0, 1))
-    if rc:
+    rec = dict(config=PRE_CONFIG, iterations=a.pre_iters, montages=a.pre_batch, size=a.pre_size,
+               lr=lr, warmup_factor=warmup_factor if warmup_factor is not None else 0.25,
+               rc=rc, wall_s=round(time.time() - t0, 1))
+    metrics = os.path.join(d, "metrics.json")
+    if os.path.isfile(metrics):
+        rows = [json.loads(x) for x in open(metrics) if '"total_loss"' in x]
+        rec["loss_trace"] = [[r["iteration"], round(r["total_loss"], 4)] for r in rows]
+        rec["loss_max"] = max((r["total_loss"] for r in rows), default=None)
+    return rec, d
+
+
+def pretrain(a, rec):
+    """The pre-trainings and their exports: the hot recipe as the GPU check always ran it
+    (default export ``erf_init``, and ``erf`` as trained, measured only), and with
+    ``--lowstart-factor`` the same with its warm-up starting low (``erf_lowstart_init``,
+    default export). -> {arm: weight file}, or None when the first failed."""
+    rec["pretrain"], d = run_pretraining(a, "pretrain")
+    if rec["pretrain"]["rc"]:
         return None
     default = os.path.join(d, "montage_backbone.pkl")
     trained = os.path.join(a.work, "montage_backbone_trained.pkl")
@@ -94,43 +121,58 @@ def pretrain(a, rec):
                     os.path.join(d, "model_final.pth"), "--out", trained,
                     "--weight-scale", "trained"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
+    weights = {"scratch_bn": "", "erf_init": default, "erf": trained}
+    if a.lowstart_factor:
+        rec["pretrain_lowstart"], d_low = run_pretraining(a, "pretrain_lowstart",
+                                                          a.lowstart_factor)
+        if rec["pretrain_lowstart"]["rc"] == 0:
+            weights["erf_lowstart_init"] = os.path.join(d_low, "montage_backbone.pkl")
     from montage_pretrain.export_format import read_export
     from montage_pretrain.weight_scale import stage_scale_summary
 
-    rec["pretrain"]["norm_ratio_as_trained"] = {
-        s: round(v["norm_ratio"], 3) for s, v in stage_scale_summary(
-            read_export(trained).weights).items()}
-    rec["pretrain"]["norm_ratio_default_export"] = {
-        s: round(v["norm_ratio"], 3) for s, v in stage_scale_summary(
-            read_export(default).weights).items()}
-    # Per stage, both exports against random init on 8 training images (CPU, seconds): filter
+    for key, path in (("norm_ratio_as_trained", trained), ("norm_ratio_default_export", default)):
+        rec["pretrain"][key] = {s: round(v["norm_ratio"], 3) for s, v in stage_scale_summary(
+            read_export(path).weights).items()}
+    if "erf_lowstart_init" in weights:  # its filters as trained, before the init rescale
+        low_trained = os.path.join(a.work, "montage_backbone_lowstart_trained.pkl")
+        subprocess.run([sys.executable, "-m", "montage_pretrain.export", "--config-file",
+                        os.path.join(d_low, "config.yaml"), "--checkpoint",
+                        os.path.join(d_low, "model_final.pth"), "--out", low_trained,
+                        "--weight-scale", "trained"], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+        rec["pretrain_lowstart"]["norm_ratio_as_trained"] = {
+            s: round(v["norm_ratio"], 3) for s, v in stage_scale_summary(
+                read_export(low_trained).weights).items()}
+    # Per stage, the exports against random init on 8 training images (CPU, seconds): filter
     # norms, effective step, BN statistics fit, activation RMS, feature rank (issue 20).
     diag = os.path.join(a.work, "diagnosis.json")
-    subprocess.run([sys.executable, "scripts/diagnose_handoff.py", "--images", a.train_images,
-                    "--weights", trained, "--weights", default, "--json", diag], cwd=ROOT,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "scripts/diagnose_handoff.py", "--images", a.train_images,
+           "--weights", trained, "--weights", default, "--json", diag]
+    if "erf_lowstart_init" in weights:
+        cmd[-2:-2] = ["--weights", weights["erf_lowstart_init"]]
+    subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if os.path.isfile(diag):
         with open(diag) as f:
             rec["pretrain"]["diagnosis"] = json.load(f)["results"]
-    metrics = os.path.join(d, "metrics.json")
-    if os.path.isfile(metrics):
-        rows = [json.loads(x) for x in open(metrics) if '"total_loss"' in x]
-        rec["pretrain"]["loss_trace"] = [[r["iteration"], round(r["total_loss"], 4)]
-                                         for r in rows]
-    return {"scratch_bn": "", "erf_init": default, "erf": trained}
+    return weights
 
 
-def jobs(a):
+def jobs(a, arms=ARMS):
+    """(arm, seed, iterations): every arm of ``arms`` but ``erf`` for every seed at
+    ``--ft-iters``, ``erf`` (the export as trained, the hand-off before issue 20) for the first
+    seed, and scratch_bn / erf_init for the first seed at ``--ft-short`` (0: none)."""
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    out = [(arm, s, a.ft_iters) for s in seeds for arm in ARMS]
+    out = [(arm, s, a.ft_iters) for s in seeds for arm in arms if arm != "erf"]
+    if "erf" in arms:
+        out.append(("erf", seeds[0], a.ft_iters))
     if a.ft_short:
-        out += [(arm, seeds[0], a.ft_short) for arm in ARMS]
+        out += [(arm, seeds[0], a.ft_short) for arm in ("scratch_bn", "erf_init")]
     return out
 
 
 def finetune_all(a, weights, rec):
     procs = []
-    for arm, seed, iters in jobs(a):
+    for arm, seed, iters in jobs(a, tuple(weights)):
         d = os.path.join(a.work, f"ft_{arm}_s{seed}_{iters}")
         cmd = [sys.executable, "projects/MontagePretrain/finetune_net.py",
                "--trace-iters", str(a.trace_iters), "--config-file", FT_CONFIG,
@@ -199,12 +241,13 @@ def main(argv=None):
     if a.ft_opts and a.ft_opts[0] == "--":
         a.ft_opts = a.ft_opts[1:]
     os.makedirs(a.work, exist_ok=True)
-    rec = dict(arms=list(ARMS), jobs=[list(j) for j in jobs(a)])
+    rec = dict(arms=list(ARMS))
     weights = pretrain(a, rec)
     save(a.out, rec)
     if weights is None:
         print("pre-training failed: see", os.path.join(a.work, "pretrain.log"))
         return 1
+    rec["arms"], rec["jobs"] = list(weights), [list(j) for j in jobs(a, tuple(weights))]
     finetune_all(a, weights, rec)
     save(a.out, rec)
     for r in rec["runs"]:
