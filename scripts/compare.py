@@ -20,7 +20,9 @@ difference erf_fpn − erf); ``erf_fpn_levels`` is erf_fpn with one classifier p
 ``erf_frozenbn_init``: erf's export at init scale (the default export) into erf's two detectors;
 ``erf_hot_init`` / ``erf_hot_lowstart_init``: pre-training schedule ablations (the GPU check's
 hot 512-montage recipe at 64 px, warm-up starting at 0.2 or 0.008), init-scale export into erf's
-detector (``HOT_RECIPE``; about 40 CPU-minutes of pre-training each). Per arm and seed
+detector (``HOT_RECIPE``; about 40 CPU-minutes of pre-training each);
+``erf_reinit_res5_init`` / ``erf_reinit_res45_init``: erf_init's export with res5 (res4 + res5)
+back at random init. Per arm and seed
 it measures full fine-tuning AP; the frozen-backbone kNN and linear probes of the export
 (``scripts/probe.py``; random init for ``scratch``), once per pre-training; with ``--frozen``
 the AP of the detector trained with the backbone frozen (``MODEL.BACKBONE.FREEZE_AT 5``: FPN and
@@ -101,9 +103,13 @@ SCALE_ARMS = ("erf_init", "erf_frozenbn_init")
 # each is pre-trained once and hands its init-scale export to erf's BN detector.
 HOT_RECIPE = dict(montages=512, lr=0.8, iters=300, warmup=30, input_size=64, erf_period=100)
 SCHEDULE_ARMS = ("erf_hot_init", "erf_hot_lowstart_init")
-ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS + SCALE_ARMS + SCHEDULE_ARMS
+# Hand-off ablations (issue 20): erf_init's export with its late stages, BN included, back at
+# the detector's random init (scripts/diagnose_handoff.py --write-variant, seeded by the arm's
+# seed): is a pre-trained late stage worse than a random one?
+REINIT_ARMS = {"erf_reinit_res5_init": "reinit_res5", "erf_reinit_res45_init": "reinit_res4_res5"}
+ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS + SCALE_ARMS + SCHEDULE_ARMS + tuple(REINIT_ARMS)
 ARM_ORDER = (("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS + SCALE_ARMS
-             + SCHEDULE_ARMS)
+             + SCHEDULE_ARMS + tuple(REINIT_ARMS))
 FROZENBN_OPTS = ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2"]
 
 
@@ -138,6 +144,9 @@ def arm_spec(arm):
         opts = list(FROZENBN_OPTS) if arm == "erf_frozenbn_init" else []
         return dict(pretrain_of="erf", config=FINETUNE_CONFIG, opts=opts, weight_scale="init",
                     probe=False, frozen=False, ref="scratch_bn")
+    if arm in REINIT_ARMS:
+        return dict(pretrain_of="erf", config=FINETUNE_CONFIG, opts=[], weight_scale="init",
+                    variant=REINIT_ARMS[arm], probe=False, frozen=False, ref="scratch_bn")
     if arm in SCHEDULE_ARMS:
         recipe = dict(HOT_RECIPE)
         if arm == "erf_hot_lowstart_init":
@@ -459,6 +468,8 @@ def finetune_settings(plan, arm, step):
               frozen=step == "frozen")
     if spec.get("weight_scale"):  # absent otherwise: the sids of the other arms unchanged
         ft["weight_scale"] = spec["weight_scale"]
+    if spec.get("variant"):  # likewise
+        ft["variant"] = spec["variant"]
     if spec["opts"]:  # absent otherwise: the settings (and sids) of the other arms unchanged
         ft["opts"] = spec["opts"]
     if plan.get("clip_grad"):  # absent when off: the sids of the unclipped records stay valid
@@ -727,8 +738,11 @@ class Comparison:
 
     def export_for(self, arm, pre):
         """The weight file ``arm`` fine-tunes from: its pre-training's export, or (arms with a
-        ``weight_scale``) that export rescaled, written once next to it."""
-        scale = arm_spec(arm).get("weight_scale")
+        ``weight_scale``) that export rescaled, and (arms with a ``variant``) that changed by
+        ``scripts/diagnose_handoff.py --write-variant`` seeded by the pre-training's seed; each
+        written once next to the export."""
+        spec = arm_spec(arm)
+        scale = spec.get("weight_scale")
         if not scale:
             return pre["export"]
         from montage_pretrain.export import rescale_export
@@ -738,6 +752,13 @@ class Comparison:
             if not os.path.isfile(path):
                 summary = rescale_export(pre["export"], path)
                 print(f"{path}: {summary}", flush=True)
+            if not spec.get("variant"):
+                return path
+            src, path = path, path[:-len(".pkl")] + f"_{spec['variant']}_seed{pre['seed']}.pkl"
+            if not os.path.isfile(path):
+                run([self.py, "scripts/diagnose_handoff.py", "--weights", src, "--write-variant",
+                     spec["variant"], "--seed", str(pre["seed"]), "--out", path,
+                     "--config-file", spec["config"]], path[:-len(".pkl")] + ".log", self.env)
         return path
 
     def probe(self, arm, seed, weights):

@@ -605,3 +605,45 @@ def test_schedule_arms_pretrain_their_own_recipe(compare, tmp_path, monkeypatch)
     ft = {r["arm"]: r for r in results.values() if r["step"] == "finetune"}
     assert ft["erf_hot_init"]["weights"].endswith("_init_scale.pkl")
     assert ft["erf_hot_init"]["weights"].startswith(os.path.dirname(pre["erf_hot_init"]["export"]))
+
+
+def test_reinit_arms_fine_tune_erf_inits_export_with_late_stages_reset(compare, tmp_path,
+                                                                        monkeypatch):
+    """erf_reinit_res5_init / erf_reinit_res45_init share erf's pre-training, derive the
+    init-scale export, then diagnose_handoff.py's variant of it, seeded by the seed."""
+    class Variants(FakeSteps):
+        def __call__(self, cmd, log_path, env=None):
+            if cmd[1] == "scripts/diagnose_handoff.py":
+                opts = dict(zip(cmd, cmd[1:]))
+                self.calls.append(("diagnose_handoff.py", opts["--write-variant"],
+                                   opts["--seed"]))
+                assert opts["--weights"].endswith("_init_scale.pkl")
+                open(opts["--out"], "w").close()
+                return 1.0, 5.0
+            return super().__call__(cmd, log_path, env)
+
+    fake = Variants(compare.EXPORT_NAME)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
+    import montage_pretrain.export as export
+
+    monkeypatch.setattr(export, "rescale_export",
+                        lambda src, dst: open(dst, "w").close() or {})
+    out = tmp_path / "out"
+    compare.main(["--out", str(out), "--quick", "1", "--no-probes", "--seeds", "1",
+                  "--arms", "scratch_bn,erf_init,erf_reinit_res5_init,erf_reinit_res45_init",
+                  "--train-json", str(data / "train/_annotations.coco.json"),
+                  "--train-images", str(data / "train"),
+                  "--val-json", str(data / "valid/_annotations.coco.json"),
+                  "--val-images", str(data / "valid")])
+    assert sorted(c for c in fake.calls if c[0] == "diagnose_handoff.py") == [
+        ("diagnose_handoff.py", "reinit_res4_res5", "1"), ("diagnose_handoff.py", "reinit_res5", "1")]
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert sum(r["step"] == "pretrain" for r in results.values()) == 1  # erf's, shared
+    ft = {r["arm"]: r for r in results.values() if r["step"] == "finetune"}
+    assert ft["erf_reinit_res5_init"]["weights"].endswith("_init_scale_reinit_res5_seed1.pkl")
+    assert ft["erf_reinit_res45_init"]["weights"].endswith(
+        "_init_scale_reinit_res4_res5_seed1.pkl")
+    assert ft["erf_reinit_res5_init"]["settings"]["finetune"]["variant"] == "reinit_res5"
+    assert "variant" not in ft["erf_init"]["settings"]["finetune"]
+    assert len({r["sid"] for r in ft.values()}) == 4
