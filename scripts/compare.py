@@ -551,6 +551,17 @@ def _last_checkpoint(run_dir):
         return f.read().strip() or None
 
 
+def resumed_cpu_s(cpu_s, iters, resumed_from):
+    """CPU-s of a whole run from that of its resumed part (``resumed_from``: the checkpoint
+    ``model_<k>.pth`` it resumed from, iterations 0..k done before), scaled by iterations:
+    (estimate, True); ``(cpu_s, False)`` for a run that was not resumed."""
+    m = re.fullmatch(r"model_(\d+)\.pth", resumed_from or "")
+    done = int(m.group(1)) + 1 if m else 0
+    if not done or done >= iters:
+        return cpu_s, False
+    return cpu_s * iters / (iters - done), True
+
+
 def _remove_intermediate_checkpoints(run_dir):
     """Drops the ``model_<iter>.pth`` files of a finished run: only model_final.pth is kept."""
     for name in os.listdir(run_dir):
@@ -726,7 +737,10 @@ class Comparison:
         # init-scale default); arms with a weight_scale derive theirs from it (export_for).
         cmd += ["MONTAGE.EXPORT_WEIGHT_SCALE", "trained"]
         wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
-        extra = dict(resumed_from=resumed) if resumed else {}
+        extra = {}
+        if resumed:  # cpu_s: the whole run's, estimated from the resumed part
+            extra = dict(resumed_from=resumed, cpu_s_measured=cpu)
+            cpu = resumed_cpu_s(cpu, settings["iters"], resumed)[0]
         rec = self._record(arm, seed, "pretrain", sid, settings, cmd, wall, cpu, d,
                            export=os.path.join(d, EXPORT_NAME),
                            config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")),

@@ -289,10 +289,13 @@ def collect(proto):
                 m = (rec or {}).get("metrics", {}).get(cmp.val_key)
                 if m is None:
                     continue
+                # A resumed fine-tuning measured only its resumed part: scaled to all of it.
+                ft_cpu, estimated = C.resumed_cpu_s(rec["cpu_s"], rec["iters"],
+                                                    rec.get("resumed_from"))
                 values.setdefault(a, {}).setdefault(n, {})[s] = dict(
                     AP=m["AP"], AP50=m["AP50"], diverged=bool(m.get("diverged")),
-                    cpu=rec["cpu_s"] + rec.get("pretrain_cpu_s", 0.0),
-                    pretrain_cpu=rec.get("pretrain_cpu_s", 0.0))
+                    cpu=ft_cpu + rec.get("pretrain_cpu_s", 0.0),
+                    pretrain_cpu=rec.get("pretrain_cpu_s", 0.0), cpu_estimated=estimated)
     return values
 
 
@@ -343,7 +346,8 @@ def report(proto):
         for n in proto.lengths:
             runs = [r for r in values[a].get(n, {}).values() if not r["diverged"]]
             if runs:
-                cost_rows.append([a, n, f"{statistics.mean(r['cpu'] for r in runs):.0f}",
+                mark = "≈" if any(r["cpu_estimated"] for r in runs) else ""
+                cost_rows.append([a, n, f"{mark}{statistics.mean(r['cpu'] for r in runs):.0f}",
                                   f"{statistics.mean(r['pretrain_cpu'] for r in runs):.0f}",
                                   C._fmt([r["AP"] for r in runs])])
     title = (f"{name} (eval on {split}): Faster R-CNN R-18 FPN fine-tuned for each length "
@@ -361,6 +365,9 @@ def report(proto):
             tabulate(cost_rows, headers=["arm", "fine-tune it", "total CPU-s",
                                          "pre-train CPU-s", "AP"], tablefmt="github",
                      disable_numparse=True), ""]
+    if any("≈" in row[2] for row in cost_rows):
+        text += ["≈: a resumed fine-tuning; its CPU-s measured over the resumed part, scaled to "
+                 "all its iterations.", ""]
     print("\n".join(text))
     stem = os.path.join(proto.out, f"long_{name}_{split}")
     with open(stem + ".md", "w") as f:

@@ -647,3 +647,10 @@ def test_reinit_arms_fine_tune_erf_inits_export_with_late_stages_reset(compare, 
     assert ft["erf_reinit_res5_init"]["settings"]["finetune"]["variant"] == "reinit_res5"
     assert "variant" not in ft["erf_init"]["settings"]["finetune"]
     assert len({r["sid"] for r in ft.values()}) == 4
+
+
+def test_resumed_cpu_is_scaled_to_the_whole_run(compare):
+    """A run resumed from model_0000399.pth measured iterations 400..1514 only."""
+    assert compare.resumed_cpu_s(1115.0, 1515, "model_0000399.pth") == (1515.0, True)
+    assert compare.resumed_cpu_s(50.0, 100, None) == (50.0, False)
+    assert compare.resumed_cpu_s(50.0, 100, "model_final.pth") == (50.0, False)
