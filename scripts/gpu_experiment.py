@@ -106,6 +106,25 @@ def run_pretraining(a, name, warmup_factor=None):
     return rec, d
 
 
+def export_as_trained(run_dir, out):
+    """Exports ``run_dir``'s final checkpoint as trained (no init rescale) to ``out``."""
+    subprocess.run([sys.executable, "-m", "montage_pretrain.export", "--config-file",
+                    os.path.join(run_dir, "config.yaml"), "--checkpoint",
+                    os.path.join(run_dir, "model_final.pth"), "--out", out,
+                    "--weight-scale", "trained"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+def norm_ratios(export_path):
+    """{stage: filter norm / Detectron2's init norm} of an export's BN-followed convs."""
+    from montage_pretrain.export_format import read_export
+    from montage_pretrain.weight_scale import stage_scale_summary
+
+    return {s: round(v["norm_ratio"], 3)
+            for s, v in stage_scale_summary(read_export(export_path).weights).items()}
+
+
 def pretrain(a, rec):
     """The pre-trainings and their exports: the hot recipe as the GPU check always ran it
     (default export ``erf_init``, and ``erf`` as trained, measured only), and with
@@ -115,34 +134,18 @@ def pretrain(a, rec):
     if rec["pretrain"]["rc"]:
         return None
     default = os.path.join(d, "montage_backbone.pkl")
-    trained = os.path.join(a.work, "montage_backbone_trained.pkl")
-    subprocess.run([sys.executable, "-m", "montage_pretrain.export", "--config-file",
-                    os.path.join(d, "config.yaml"), "--checkpoint",
-                    os.path.join(d, "model_final.pth"), "--out", trained,
-                    "--weight-scale", "trained"], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+    trained = export_as_trained(d, os.path.join(a.work, "montage_backbone_trained.pkl"))
     weights = {"scratch_bn": "", "erf_init": default, "erf": trained}
     if a.lowstart_factor:
         rec["pretrain_lowstart"], d_low = run_pretraining(a, "pretrain_lowstart",
                                                           a.lowstart_factor)
         if rec["pretrain_lowstart"]["rc"] == 0:
             weights["erf_lowstart_init"] = os.path.join(d_low, "montage_backbone.pkl")
-    from montage_pretrain.export_format import read_export
-    from montage_pretrain.weight_scale import stage_scale_summary
-
-    for key, path in (("norm_ratio_as_trained", trained), ("norm_ratio_default_export", default)):
-        rec["pretrain"][key] = {s: round(v["norm_ratio"], 3) for s, v in stage_scale_summary(
-            read_export(path).weights).items()}
+    rec["pretrain"]["norm_ratio_as_trained"] = norm_ratios(trained)
+    rec["pretrain"]["norm_ratio_default_export"] = norm_ratios(default)
     if "erf_lowstart_init" in weights:  # its filters as trained, before the init rescale
-        low_trained = os.path.join(a.work, "montage_backbone_lowstart_trained.pkl")
-        subprocess.run([sys.executable, "-m", "montage_pretrain.export", "--config-file",
-                        os.path.join(d_low, "config.yaml"), "--checkpoint",
-                        os.path.join(d_low, "model_final.pth"), "--out", low_trained,
-                        "--weight-scale", "trained"], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
-        rec["pretrain_lowstart"]["norm_ratio_as_trained"] = {
-            s: round(v["norm_ratio"], 3) for s, v in stage_scale_summary(
-                read_export(low_trained).weights).items()}
+        rec["pretrain_lowstart"]["norm_ratio_as_trained"] = norm_ratios(export_as_trained(
+            d_low, os.path.join(a.work, "montage_backbone_lowstart_trained.pkl")))
     # Per stage, the exports against random init on 8 training images (CPU, seconds): filter
     # norms, effective step, BN statistics fit, activation RMS, feature rank (issue 20).
     diag = os.path.join(a.work, "diagnosis.json")

@@ -570,25 +570,30 @@ def test_step_failed_recognises_finetune_nets_one_line(compare, tmp_path):
     assert not compare.StepFailed(["finetune_net.py"], 1, str(log), 1.0, 2.0).diverged
 
 
-def test_schedule_arms_pretrain_their_own_recipe(compare, tmp_path, monkeypatch):
-    """erf_hot_init / erf_hot_lowstart_init: each its own pre-training, with the hot recipe in
-    its settings (so in its sid) and its command (batch, LR, iterations, warm-up and its start,
-    canvas), handed on at init scale; erf's settings do not change."""
-    fake = FakeSteps(compare.EXPORT_NAME)
+def run_arms(compare, tmp_path, monkeypatch, fake, seed, arms):
+    """compare.main on a tiny mocked dataset with ``arms`` and one ``seed`` (no probes; the
+    init-scale rescale writes an empty file): -> results.json's records."""
     data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
     import montage_pretrain.export as export
 
     monkeypatch.setattr(export, "rescale_export",
                         lambda src, dst: open(dst, "w").close() or {})
     out = tmp_path / "out"
-    compare.main(["--out", str(out), "--quick", "1", "--no-probes", "--seeds", "0",
-                  "--arms", "scratch_bn,erf,erf_hot_init,erf_hot_lowstart_init",
-                  "--train-json", str(data / "train/_annotations.coco.json"),
+    compare.main(["--out", str(out), "--quick", "1", "--no-probes", "--seeds", str(seed),
+                  "--arms", arms, "--train-json", str(data / "train/_annotations.coco.json"),
                   "--train-images", str(data / "train"),
                   "--val-json", str(data / "valid/_annotations.coco.json"),
                   "--val-images", str(data / "valid")])
     with open(out / "results.json") as f:
-        results = json.load(f)
+        return json.load(f)
+
+
+def test_schedule_arms_pretrain_their_own_recipe(compare, tmp_path, monkeypatch):
+    """erf_hot_init / erf_hot_lowstart_init: each its own pre-training, with the hot recipe in
+    its settings (so in its sid) and its command (batch, LR, iterations, warm-up and its start,
+    canvas), handed on at init scale; erf's settings do not change."""
+    results = run_arms(compare, tmp_path, monkeypatch, FakeSteps(compare.EXPORT_NAME), 0,
+                       "scratch_bn,erf,erf_hot_init,erf_hot_lowstart_init")
     pre = {r["arm"]: r for r in results.values() if r["step"] == "pretrain"}
     assert sorted(pre) == ["erf", "erf_hot_init", "erf_hot_lowstart_init"]
     for arm in ("erf_hot_init", "erf_hot_lowstart_init"):
@@ -623,22 +628,10 @@ def test_reinit_arms_fine_tune_erf_inits_export_with_late_stages_reset(compare, 
             return super().__call__(cmd, log_path, env)
 
     fake = Variants(compare.EXPORT_NAME)
-    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
-    import montage_pretrain.export as export
-
-    monkeypatch.setattr(export, "rescale_export",
-                        lambda src, dst: open(dst, "w").close() or {})
-    out = tmp_path / "out"
-    compare.main(["--out", str(out), "--quick", "1", "--no-probes", "--seeds", "1",
-                  "--arms", "scratch_bn,erf_init,erf_reinit_res5_init,erf_reinit_res45_init",
-                  "--train-json", str(data / "train/_annotations.coco.json"),
-                  "--train-images", str(data / "train"),
-                  "--val-json", str(data / "valid/_annotations.coco.json"),
-                  "--val-images", str(data / "valid")])
+    results = run_arms(compare, tmp_path, monkeypatch, fake, 1,
+                       "scratch_bn,erf_init,erf_reinit_res5_init,erf_reinit_res45_init")
     assert sorted(c for c in fake.calls if c[0] == "diagnose_handoff.py") == [
         ("diagnose_handoff.py", "reinit_res4_res5", "1"), ("diagnose_handoff.py", "reinit_res5", "1")]
-    with open(out / "results.json") as f:
-        results = json.load(f)
     assert sum(r["step"] == "pretrain" for r in results.values()) == 1  # erf's, shared
     ft = {r["arm"]: r for r in results.values() if r["step"] == "finetune"}
     assert ft["erf_reinit_res5_init"]["weights"].endswith("_init_scale_reinit_res5_seed1.pkl")

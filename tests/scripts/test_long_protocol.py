@@ -52,6 +52,15 @@ def test_verdict_from_the_signs_of_the_paired_differences(proto, diffs, expected
     assert proto.verdict(None) == "not run yet"
 
 
+def mocked_argv(out, data, *extra):
+    """long_protocol.py's arguments for the mocked dataset ``data`` (name "mine"), smoke size."""
+    return ["--out", str(out), "--quick", "1", *extra,
+            "--train-json", str(data / "train/_annotations.coco.json"),
+            "--train-images", str(data / "train"),
+            "--val-json", str(data / "valid/_annotations.coco.json"),
+            "--val-images", str(data / "valid"), "--name", "mine"]
+
+
 def test_mocked_protocol_runs_every_length_once_and_resumes(proto, compare, tmp_path,
                                                            monkeypatch, capsys):
     fake = FakeSteps(compare.EXPORT_NAME)
@@ -66,12 +75,8 @@ def test_mocked_protocol_runs_every_length_once_and_resumes(proto, compare, tmp_
     import montage_pretrain.export as export
     monkeypatch.setattr(export, "rescale_export", fake_rescale)
     out = tmp_path / "out"
-    argv = ["--out", str(out), "--quick", "1", "--arms", "scratch_bn,erf,erf_init",
-            "--seeds", "0,1", "--sweep-seeds", "0",
-            "--train-json", str(data / "train/_annotations.coco.json"),
-            "--train-images", str(data / "train"),
-            "--val-json", str(data / "valid/_annotations.coco.json"),
-            "--val-images", str(data / "valid"), "--name", "mine"]
+    argv = mocked_argv(out, data, "--arms", "scratch_bn,erf,erf_init", "--seeds", "0,1",
+                       "--sweep-seeds", "0")
     assert proto.main(argv) == 0
     with open(out / "results.json") as f:
         results = json.load(f)
@@ -144,11 +149,7 @@ def test_interrupted_pretraining_resumes(proto, compare, tmp_path, monkeypatch):
     fake = FakeSteps(compare.EXPORT_NAME)
     data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
     out = tmp_path / "out"
-    argv = ["--out", str(out), "--quick", "1", "--arms", "scratch_bn,erf", "--seeds", "0",
-            "--lengths", "12", "--train-json", str(data / "train/_annotations.coco.json"),
-            "--train-images", str(data / "train"),
-            "--val-json", str(data / "valid/_annotations.coco.json"),
-            "--val-images", str(data / "valid"), "--name", "mine"]
+    argv = mocked_argv(out, data, "--arms", "scratch_bn,erf", "--seeds", "0", "--lengths", "12")
     assert proto.main(argv) == 0
     with open(out / "results.json") as f:
         results = json.load(f)
