@@ -562,6 +562,13 @@ def resumed_cpu_s(cpu_s, iters, resumed_from):
     return cpu_s * iters / (iters - done), True
 
 
+def whole_run_cpu_s(rec):
+    """:func:`resumed_cpu_s` of a pre-training or fine-tuning record, whose ``cpu_s`` is what
+    its last command measured: (CPU-s of the whole run, whether it is an estimate)."""
+    iters = rec.get("iters") or rec["settings"]["iters"]
+    return resumed_cpu_s(rec["cpu_s"], iters, rec.get("resumed_from"))
+
+
 def _remove_intermediate_checkpoints(run_dir):
     """Drops the ``model_<iter>.pth`` files of a finished run: only model_final.pth is kept."""
     for name in os.listdir(run_dir):
@@ -737,10 +744,8 @@ class Comparison:
         # init-scale default); arms with a weight_scale derive theirs from it (export_for).
         cmd += ["MONTAGE.EXPORT_WEIGHT_SCALE", "trained"]
         wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
-        extra = {}
-        if resumed:  # cpu_s: the whole run's, estimated from the resumed part
-            extra = dict(resumed_from=resumed, cpu_s_measured=cpu)
-            cpu = resumed_cpu_s(cpu, settings["iters"], resumed)[0]
+        # cpu_s: what this command measured; whole_run_cpu_s scales a resumed one.
+        extra = dict(resumed_from=resumed) if resumed else {}
         rec = self._record(arm, seed, "pretrain", sid, settings, cmd, wall, cpu, d,
                            export=os.path.join(d, EXPORT_NAME),
                            config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")),
@@ -857,7 +862,7 @@ class Comparison:
         rec = self._record(
             arm, seed, step, sid, settings, cmd, wall, cpu, d, iters=iters, warmup=warmup,
             lr_steps=steps, weights=weights, model=os.path.join(d, "model_final.pth"),
-            pretrain_cpu_s=pre_rec["cpu_s"] if pre_rec else 0.0,
+            pretrain_cpu_s=whole_run_cpu_s(pre_rec)[0] if pre_rec else 0.0,
             pretrain_key=self.key(pre_rec["arm"], seed, "pretrain", pre_rec["sid"])
             if pre_rec else None,
             matched_to=matched, metrics=metrics, diverged=diverged is not None,

@@ -290,8 +290,7 @@ def collect(proto):
                 if m is None:
                     continue
                 # A resumed fine-tuning measured only its resumed part: scaled to all of it.
-                ft_cpu, estimated = C.resumed_cpu_s(rec["cpu_s"], rec["iters"],
-                                                    rec.get("resumed_from"))
+                ft_cpu, estimated = C.whole_run_cpu_s(rec)
                 values.setdefault(a, {}).setdefault(n, {})[s] = dict(
                     AP=m["AP"], AP50=m["AP50"], diverged=bool(m.get("diverged")),
                     cpu=ft_cpu + rec.get("pretrain_cpu_s", 0.0),

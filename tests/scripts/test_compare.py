@@ -647,3 +647,7 @@ def test_resumed_cpu_is_scaled_to_the_whole_run(compare):
     assert compare.resumed_cpu_s(1115.0, 1515, "model_0000399.pth") == (1515.0, True)
     assert compare.resumed_cpu_s(50.0, 100, None) == (50.0, False)
     assert compare.resumed_cpu_s(50.0, 100, "model_final.pth") == (50.0, False)
+    # a record: fine-tunings carry iters, pre-trainings their settings' iters
+    assert compare.whole_run_cpu_s(dict(cpu_s=10.0, settings=dict(iters=300),
+                                        resumed_from="model_0000149.pth")) == (20.0, True)
+    assert compare.whole_run_cpu_s(dict(cpu_s=10.0, iters=40)) == (10.0, False)
