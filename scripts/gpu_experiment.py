@@ -96,14 +96,28 @@ def run_pretraining(a, name, warmup_factor=None):
     with open(os.path.join(a.work, f"{name}.log"), "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     rec = dict(config=PRE_CONFIG, iterations=a.pre_iters, montages=a.pre_batch, size=a.pre_size,
-               lr=lr, warmup_factor=warmup_factor if warmup_factor is not None else 0.25,
-               rc=rc, wall_s=round(time.time() - t0, 1))
-    metrics = os.path.join(d, "metrics.json")
-    if os.path.isfile(metrics):
-        rows = [json.loads(x) for x in open(metrics) if '"total_loss"' in x]
-        rec["loss_trace"] = [[r["iteration"], round(r["total_loss"], 4)] for r in rows]
-        rec["loss_max"] = max((r["total_loss"] for r in rows), default=None)
+               lr=lr, rc=rc, wall_s=round(time.time() - t0, 1))
+    config = os.path.join(d, "config.yaml")  # the run's resolved config: its warm-up start
+    if os.path.isfile(config):
+        import yaml
+
+        with open(config) as f:
+            rec["warmup_factor"] = yaml.safe_load(f)["SOLVER"]["WARMUP_FACTOR"]
+    losses = loss_rows(d)
+    if losses:
+        rec["loss_trace"] = [[it, round(v, 4)] for it, v in losses]
+        rec["loss_max"] = max(v for _, v in losses)
     return rec, d
+
+
+def loss_rows(run_dir):
+    """[(iteration, total_loss)] of a Detectron2 run's metrics.json ([] when absent)."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(x) for x in f if '"total_loss"' in x]
+    return [(r["iteration"], r["total_loss"]) for r in rows]
 
 
 def export_as_trained(run_dir, out):
@@ -211,14 +225,11 @@ def summarize_run(arm, seed, iters, d, rc):
         run["bbox"] = {k: m["bbox"].get(k) for k in ("AP", "AP50", "AP75")}
         for k in ("s_per_iter", "iterations_run", "backbone_tensors_loaded"):
             run[k] = m.get(k)
-    events = os.path.join(d, "metrics.json")
-    if os.path.isfile(events):
-        rows = [json.loads(x) for x in open(events) if '"total_loss"' in x]
-        losses = [r["total_loss"] for r in rows]
-        run["loss_trace"] = [[r["iteration"], round(r["total_loss"], 4)]
-                             for r in rows[:: max(1, len(rows) // 12)]]
-        run["loss_max"] = max(losses) if losses else None
-        run["loss_finite"] = all(math.isfinite(x) for x in losses)
+    rows = loss_rows(d)
+    if rows:
+        run["loss_trace"] = [[it, round(v, 4)] for it, v in rows[:: max(1, len(rows) // 12)]]
+        run["loss_max"] = max(v for _, v in rows)
+        run["loss_finite"] = all(math.isfinite(v) for _, v in rows)
     trace = os.path.join(d, "handoff_trace.json")
     if os.path.isfile(trace):
         with open(trace) as f:
