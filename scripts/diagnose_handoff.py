@@ -22,7 +22,11 @@ Per stage (stem, res2..res5) and weights (random init first):
 ``--write-variant`` writes an export whose backbone is changed, for fine-tuning ablations:
 ``init_scale`` (the output-invariant rescale of weight_scale.reset_to_init_scale),
 ``reinit_res5`` / ``reinit_res4_res5`` (those stages, BN included, from the random init of the
-same config and ``--seed``).
+same config and ``--seed``), ``bn_reset`` (every backbone norm's gamma / beta back to 1 / 0,
+bn_affine.reset_bn_affine) and ``init_scale_bn_reset`` (both of init_scale and bn_reset).
+
+* ``dead``: fraction of the stage's output channels that are <= 0 on every position of every
+  image (batch statistics; bn_affine.dead_channel_fractions, last block of the stage).
 """
 import argparse
 import json
@@ -35,15 +39,16 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
+from montage_pretrain.bn_affine import dead_channel_fractions, reset_bn_affine
 from montage_pretrain.diagnostics import participation_ratio
 from montage_pretrain.export_format import read_export
 from montage_pretrain.export import rescale_export
-from montage_pretrain.weight_scale import stage_of, stage_scale_summary
+from montage_pretrain.weight_scale import reset_to_init_scale, stage_of, stage_scale_summary
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from feature_rank import DEFAULT_CONFIG, build, load_config, load_images  # noqa: E402
 
-VARIANTS = ("init_scale", "reinit_res5", "reinit_res4_res5")
+VARIANTS = ("init_scale", "reinit_res5", "reinit_res4_res5", "bn_reset", "init_scale_bn_reset")
 
 
 def bare_backbone_weights(model):
@@ -101,6 +106,7 @@ def diagnose(model, images):
     # Train-mode forwards update BN running statistics: measure on a copy of them.
     saved = {k: v.clone() for k, v in backbone.state_dict().items()}
     gaps = bn_gaps(backbone, images)
+    dead = dead_channel_fractions(backbone, images)
     frozen = stage_outputs(backbone, images, False)
     batch = stage_outputs(backbone, images, True)
     backbone.load_state_dict(saved)
@@ -112,6 +118,10 @@ def diagnose(model, images):
             row["rms_frozen"] = float(frozen[stage].double().pow(2).mean().sqrt())
             row["rms_batch"] = float(batch[stage].double().pow(2).mean().sqrt())
             row["pr"] = participation_ratio(batch[stage])
+            last = max((k for k in dead if k.startswith(stage + ".")),
+                       key=lambda k: int(k.split(".")[1]), default=None)
+            if last is not None:
+                row["dead"] = dead[last]
         if row:
             out[stage] = row
     return out
@@ -124,6 +134,15 @@ def write_variant(weights_path, variant, out_path, cfg, seed):
     export = read_export(weights_path)
     data = dict(export.checkpoint)
     weights = dict(data["model"])
+    if variant in ("bn_reset", "init_scale_bn_reset"):
+        summary = {}
+        if variant == "init_scale_bn_reset":
+            weights, summary = reset_to_init_scale(weights)
+            if isinstance(data.get("montage"), dict):
+                data["montage"] = dict(data["montage"], weight_scale="init")
+        weights, reset = reset_bn_affine(weights)
+        summary.update(reset)
+        return _write_variant(data, weights, variant, weights_path, out_path, summary)
     stages = ("res5",) if variant == "reinit_res5" else ("res4", "res5")
     torch.manual_seed(seed)
     model, _ = build(cfg, "")
@@ -132,6 +151,10 @@ def write_variant(weights_path, variant, out_path, cfg, seed):
     for k in changed:
         weights[k] = fresh[k].astype(weights[k].dtype)
     summary = dict(reinitialised=len(changed), stages=list(stages), seed=seed)
+    return _write_variant(data, weights, variant, weights_path, out_path, summary)
+
+
+def _write_variant(data, weights, variant, weights_path, out_path, summary):
     data["model"] = weights
     if isinstance(data.get("montage"), dict):
         data["montage"] = dict(data["montage"], variant=variant)
@@ -185,10 +208,10 @@ def main(argv=None):
             rows.append([label if stage == "stem" else "", stage] + [
                 f"{r[k]:.3g}" if k in r else "-" for k in
                 ("norm_ratio", "effective_step", "bn_var_gap", "bn_mean_gap", "rms_frozen",
-                 "rms_batch", "pr")])
+                 "rms_batch", "pr", "dead")])
     print(f"{len(raw)} images of {args.images} at {args.size} px")
     print(tabulate(rows, headers=["weights", "stage", "|w|/init", "eff. step", "BN ln-var gap",
-                                  "BN mean gap", "RMS frozen", "RMS batch", "PR"],
+                                  "BN mean gap", "RMS frozen", "RMS batch", "PR", "dead"],
                    tablefmt="github"))
     if args.json:
         with open(args.json, "w") as f:
