@@ -22,8 +22,7 @@ difference erf_fpn − erf); ``erf_fpn_levels`` is erf_fpn with one classifier p
 hot 512-montage recipe at 64 px, warm-up starting at 0.2 or 0.008), init-scale export into erf's
 detector (``HOT_RECIPE``; about 40 CPU-minutes of pre-training each);
 ``erf_reinit_res5_init`` / ``erf_reinit_res45_init``: erf_init's export with res5 (res4 + res5)
-back at random init; ``erf_bnreset_init`` / ``erf_hot_bnreset_init``: erf_init's / erf_hot_init's
-export with every backbone norm's gamma / beta reset to 1 / 0. Per arm and seed
+back at random init. Per arm and seed
 it measures full fine-tuning AP; the frozen-backbone kNN and linear probes of the export
 (``scripts/probe.py``; random init for ``scratch``), once per pre-training; with ``--frozen``
 the AP of the detector trained with the backbone frozen (``MODEL.BACKBONE.FREEZE_AT 5``: FPN and
@@ -106,14 +105,10 @@ HOT_RECIPE = dict(montages=512, lr=0.8, iters=300, warmup=30, input_size=64, erf
 SCHEDULE_ARMS = ("erf_hot_init", "erf_hot_lowstart_init")
 # Hand-off ablations (issue 20), arm: (the arm whose pre-training it shares, the variant of that
 # pre-training's init-scale export that scripts/diagnose_handoff.py --write-variant writes,
-# seeded by the arm's seed). reinit_*: the late stages, BN included, back at the detector's
-# random init (is a pre-trained late stage worse than a random one?); bn_reset: every backbone
-# norm's gamma / beta back to 1 / 0 (revives the dead res5 units of a hot pre-training,
-# montage_pretrain/bn_affine.py).
+# seeded by the arm's seed): the late stages, BN included, back at the detector's random init
+# (is a pre-trained late stage worse than a random one?).
 HANDOFF_ARMS = {"erf_reinit_res5_init": ("erf", "reinit_res5"),
-                "erf_reinit_res45_init": ("erf", "reinit_res4_res5"),
-                "erf_bnreset_init": ("erf", "bn_reset"),
-                "erf_hot_bnreset_init": ("erf_hot_init", "bn_reset")}
+                "erf_reinit_res45_init": ("erf", "reinit_res4_res5")}
 ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS + SCALE_ARMS + SCHEDULE_ARMS + tuple(HANDOFF_ARMS)
 ARM_ORDER = (("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS + SCALE_ARMS
              + SCHEDULE_ARMS + tuple(HANDOFF_ARMS))

@@ -614,9 +614,8 @@ def test_schedule_arms_pretrain_their_own_recipe(compare, tmp_path, monkeypatch)
 
 def test_handoff_arms_fine_tune_a_variant_of_the_init_scale_export(compare, tmp_path,
                                                                     monkeypatch):
-    """erf_reinit_res5_init / erf_reinit_res45_init / erf_bnreset_init share erf's pre-training,
-    erf_hot_bnreset_init erf_hot_init's; each derives the init-scale export, then
-    diagnose_handoff.py's variant of it, seeded by the seed."""
+    """erf_reinit_res5_init / erf_reinit_res45_init share erf's pre-training, derive the
+    init-scale export, then diagnose_handoff.py's variant of it, seeded by the seed."""
     class Variants(FakeSteps):
         def __call__(self, cmd, log_path, env=None):
             if cmd[1] == "scripts/diagnose_handoff.py":
@@ -630,24 +629,20 @@ def test_handoff_arms_fine_tune_a_variant_of_the_init_scale_export(compare, tmp_
 
     fake = Variants(compare.EXPORT_NAME)
     results = run_arms(compare, tmp_path, monkeypatch, fake, 1,
-                       "scratch_bn,erf_init,erf_reinit_res5_init,erf_reinit_res45_init,"
-                       "erf_bnreset_init,erf_hot_init,erf_hot_bnreset_init")
+                       "scratch_bn,erf_init,erf_reinit_res5_init,erf_reinit_res45_init")
     assert sorted(c for c in fake.calls if c[0] == "diagnose_handoff.py") == [
-        ("diagnose_handoff.py", "bn_reset", "1"), ("diagnose_handoff.py", "bn_reset", "1"),
         ("diagnose_handoff.py", "reinit_res4_res5", "1"), ("diagnose_handoff.py", "reinit_res5", "1")]
     pre = {r["arm"]: r for r in results.values() if r["step"] == "pretrain"}
-    assert sorted(pre) == ["erf", "erf_hot_init"]  # shared by the variants
+    assert sorted(pre) == ["erf"]  # shared by the variants
     ft = {r["arm"]: r for r in results.values() if r["step"] == "finetune"}
     assert ft["erf_reinit_res5_init"]["weights"].endswith("_init_scale_reinit_res5_seed1.pkl")
     assert ft["erf_reinit_res45_init"]["weights"].endswith(
         "_init_scale_reinit_res4_res5_seed1.pkl")
-    for arm, of in (("erf_bnreset_init", "erf"), ("erf_hot_bnreset_init", "erf_hot_init")):
-        assert ft[arm]["weights"].endswith("_init_scale_bn_reset_seed1.pkl")
-        assert ft[arm]["weights"].startswith(os.path.dirname(pre[of]["export"]))
-        assert ft[arm]["settings"]["finetune"]["variant"] == "bn_reset"
+    for arm in ("erf_reinit_res5_init", "erf_reinit_res45_init"):
+        assert ft[arm]["weights"].startswith(os.path.dirname(pre["erf"]["export"]))
     assert ft["erf_reinit_res5_init"]["settings"]["finetune"]["variant"] == "reinit_res5"
     assert "variant" not in ft["erf_init"]["settings"]["finetune"]
-    assert len({r["sid"] for r in ft.values()}) == 7
+    assert len({r["sid"] for r in ft.values()}) == 4
 
 
 def test_resumed_cpu_is_scaled_to_the_whole_run(compare):
