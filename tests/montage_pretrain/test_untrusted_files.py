@@ -500,3 +500,21 @@ def test_crafted_pretraining_config_is_refused_by_train_net(load_module, tmp_pat
         train_net.main(default_argument_parser().parse_args(["--config-file", str(config)]))
     assert not marker.exists()
     assert str(config) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_console_script_exits_zero_on_success(tmp_path):
+    """``montage-export`` (pyproject's entry point) returns exit status 0 after a good export;
+    the summary dict of main() would make sys.exit() report a failure."""
+    import importlib
+    import re
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        target = re.search(r'^montage-export = "([\w.]+):(\w+)"', f.read(), re.M)
+    entry = getattr(importlib.import_module(target.group(1)), target.group(2))
+    cfg = pretrain_cfg(18)
+    torch.manual_seed(0)
+    DetectionCheckpointer(PretrainModel(cfg), str(tmp_path)).save("model_final", iteration=1)
+    out = tmp_path / default_export_name()
+    assert entry(export_args(write_config(tmp_path, cfg), tmp_path / "model_final.pth", out)) == 0
+    assert read_export(str(out)).settings["iteration"] == 1

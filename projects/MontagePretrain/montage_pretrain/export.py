@@ -27,6 +27,7 @@ import argparse
 import logging
 import os
 import pickle
+import sys
 import tempfile
 from collections import OrderedDict
 
@@ -478,5 +479,12 @@ def main(argv=None):
     return summary
 
 
+def cli(argv=None):
+    """The ``montage-export`` console script: :func:`main`, exit status 0 on success (a console
+    script's return value is its exit status; main's summary dict would read as a failure)."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
