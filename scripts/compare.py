@@ -20,7 +20,8 @@ difference erf_fpn − erf); ``erf_fpn_levels`` is erf_fpn with one classifier p
 ``erf_frozenbn_init``: erf's export at init scale (the default export) into erf's two detectors;
 ``erf_hot_init`` / ``erf_hot_lowstart_init``: pre-training schedule ablations (the GPU check's
 hot 512-montage recipe at 64 px, warm-up starting at 0.2 or 0.008), init-scale export into erf's
-detector (``HOT_RECIPE``; about 40 CPU-minutes of pre-training each);
+detector (``HOT_RECIPE``; about 40 CPU-minutes of pre-training each); ``erf_long_init``: erf's
+recipe 8x longer (1,200 iterations, about 25 CPU-minutes), likewise;
 ``erf_reinit_res5_init`` / ``erf_reinit_res45_init``: erf_init's export with res5 (res4 + res5)
 back at random init. Per arm and seed
 it measures full fine-tuning AP; the frozen-backbone kNN and linear probes of the export
@@ -101,8 +102,14 @@ SCALE_ARMS = ("erf_init", "erf_frozenbn_init")
 # 300 iterations, warm-up over 30 starting at the paper's 0.2 = WARMUP_FACTOR 0.25) on a 64 px
 # canvas the CPU affords, and the same with the warm-up starting at 0.008 (WARMUP_FACTOR 0.01);
 # each is pre-trained once and hands its init-scale export to erf's BN detector.
+# erf_long_init: erf's own recipe (16 montages, LR 0.025, 128 px, warm-up 15, ERF period 50)
+# run 8x longer, 1,200 iterations: its features grow richer with length (README, "Cause (2),
+# taken apart"), where the hot recipe's collapse.
 HOT_RECIPE = dict(montages=512, lr=0.8, iters=300, warmup=30, input_size=64, erf_period=100)
-SCHEDULE_ARMS = ("erf_hot_init", "erf_hot_lowstart_init")
+SCHEDULE_RECIPES = {"erf_hot_init": HOT_RECIPE,
+                    "erf_hot_lowstart_init": dict(HOT_RECIPE, warmup_factor=0.01),
+                    "erf_long_init": dict(iters=1200, warmup=15, erf_period=50)}
+SCHEDULE_ARMS = tuple(SCHEDULE_RECIPES)
 # Hand-off ablations (issue 20), arm: (the arm whose pre-training it shares, the variant of that
 # pre-training's init-scale export that scripts/diagnose_handoff.py --write-variant writes,
 # seeded by the arm's seed): the late stages, BN included, back at the detector's random init
@@ -151,10 +158,7 @@ def arm_spec(arm):
         return dict(pretrain_of=of, config=FINETUNE_CONFIG, opts=[], weight_scale="init",
                     variant=variant, probe=False, frozen=False, ref="scratch_bn")
     if arm in SCHEDULE_ARMS:
-        recipe = dict(HOT_RECIPE)
-        if arm == "erf_hot_lowstart_init":
-            recipe["warmup_factor"] = 0.01
-        return dict(pretrain=(PRETRAIN_CONFIG, "erf"), pretrain_recipe=recipe,
+        return dict(pretrain=(PRETRAIN_CONFIG, "erf"), pretrain_recipe=dict(SCHEDULE_RECIPES[arm]),
                     config=FINETUNE_CONFIG, opts=[], weight_scale="init", probe=False,
                     frozen=False, ref="scratch_bn")
     return dict(pretrain=(PRETRAIN_CONFIG, arm), config=FINETUNE_CONFIG, opts=[], probe=True,

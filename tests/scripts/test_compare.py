@@ -589,13 +589,22 @@ def run_arms(compare, tmp_path, monkeypatch, fake, seed, arms):
 
 
 def test_schedule_arms_pretrain_their_own_recipe(compare, tmp_path, monkeypatch):
-    """erf_hot_init / erf_hot_lowstart_init: each its own pre-training, with the hot recipe in
-    its settings (so in its sid) and its command (batch, LR, iterations, warm-up and its start,
-    canvas), handed on at init scale; erf's settings do not change."""
+    """erf_hot_init / erf_hot_lowstart_init / erf_long_init: each its own pre-training, with its
+    recipe in its settings (so in its sid) and its command (batch, LR, iterations, warm-up and
+    its start, canvas), handed on at init scale; erf's settings do not change."""
     results = run_arms(compare, tmp_path, monkeypatch, FakeSteps(compare.EXPORT_NAME), 0,
-                       "scratch_bn,erf,erf_hot_init,erf_hot_lowstart_init")
+                       "scratch_bn,erf,erf_hot_init,erf_hot_lowstart_init,erf_long_init")
     pre = {r["arm"]: r for r in results.values() if r["step"] == "pretrain"}
-    assert sorted(pre) == ["erf", "erf_hot_init", "erf_hot_lowstart_init"]
+    assert sorted(pre) == ["erf", "erf_hot_init", "erf_hot_lowstart_init", "erf_long_init"]
+    long_opts = dict(zip(pre["erf_long_init"]["command"].split(),
+                         pre["erf_long_init"]["command"].split()[1:]))
+    erf_opts = dict(zip(pre["erf"]["command"].split(), pre["erf"]["command"].split()[1:]))
+    assert (long_opts["SOLVER.MAX_ITER"], long_opts["SOLVER.WARMUP_ITERS"],
+            long_opts["MONTAGE.ERF_PERIOD"]) == ("1200", "15", "50")
+    for key in ("MONTAGE.INPUT_SIZE", "--config-file", "MONTAGE.LOSS"):  # erf's recipe otherwise
+        assert long_opts[key] == erf_opts[key]
+    assert "SOLVER.IMS_PER_BATCH" not in long_opts and "SOLVER.BASE_LR" not in long_opts
+    assert len({r["sid"] for r in pre.values()}) == 4
     for arm in ("erf_hot_init", "erf_hot_lowstart_init"):
         opts = dict(zip(pre[arm]["command"].split(), pre[arm]["command"].split()[1:]))
         assert (opts["SOLVER.IMS_PER_BATCH"], opts["SOLVER.BASE_LR"], opts["SOLVER.MAX_ITER"],
