@@ -75,6 +75,9 @@ def parse_args(argv=None):
     r.add_argument("--lanes", type=int, default=1, help="worker processes sharing the queue")
     r.add_argument("--lane-id", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--report-only", action="store_true", help="run nothing, write the report")
+    r.add_argument("--trained-only", action="store_true",
+                   help="evaluate finished runs only, train nothing (always so for --eval-split "
+                   "test: decide on valid, report on test)")
     r.add_argument("--quick", type=int, default=0, choices=(0, 1))
     e = p.add_argument_group("pinned runtime")
     e.add_argument("--threads", type=int, default=1)
@@ -89,6 +92,8 @@ def compare_argv(args):
             "--clip-grad", str(args.clip_grad), "--threads", str(args.threads),
             "--workers", str(args.workers), "--bank-workers", str(args.bank_workers),
             "--arms", args.arms, "--seeds", args.seeds, "--no-probes"]
+    if args.trained_only or args.eval_split == "test":
+        argv += ["--trained-only"]
     if args.train_json:
         argv += ["--train-json", args.train_json, "--train-images", args.train_images,
                  "--val-json", args.val_json, "--val-images", args.val_images]
@@ -260,7 +265,11 @@ class Protocol:
                     n, s, a = job
                     print(f"[lane {lane}] {a} seed {s}: {n} it "
                           f"({self.epochs(n):.1f} epochs)", flush=True)
-                    self.run_job(job)
+                    try:
+                        self.run_job(job)
+                    except C.NotTrained as e:  # --trained-only: skipped, the queue goes on
+                        print(f"[lane {lane}] not trained, skipped: {e}", flush=True)
+                        continue
                     ran = True
                     break  # re-read the queue: another lane may have finished jobs meanwhile
             if not ran:

@@ -173,3 +173,17 @@ def test_interrupted_pretraining_resumes(proto, compare, tmp_path, monkeypatch):
     assert "train_net.py --resume " in redone["command"]
     assert redone["resumed_from"] == "model_0000009.pth"
     assert not os.path.exists(os.path.join(pre["run_dir"], "model_0000009.pth"))
+
+
+def test_trained_only_trains_nothing(proto, compare, tmp_path, monkeypatch, capsys):
+    """--trained-only (always on for --eval-split test) evaluates finished runs only: nothing
+    trained yet, so no step runs and every job is reported as skipped."""
+    fake = FakeSteps(compare.EXPORT_NAME)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
+    argv = mocked_argv(tmp_path / "out", data, "--arms", "scratch_bn,erf", "--seeds", "0",
+                       "--trained-only")
+    assert proto.main(argv) == 0
+    assert fake.calls == []
+    assert capsys.readouterr().out.count("not trained, skipped") == 4  # 2 arms x 2 lengths
+    assert "--trained-only" in proto.compare_argv(proto.parse_args(["--eval-split", "test"]))
+    assert "--trained-only" not in proto.compare_argv(proto.parse_args([]))
