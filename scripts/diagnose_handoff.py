@@ -26,7 +26,8 @@ same config and ``--seed``), ``bn_reset`` (every backbone norm's gamma / beta ba
 bn_affine.reset_bn_affine) and ``init_scale_bn_reset`` (both of init_scale and bn_reset).
 
 * ``dead``: fraction of the stage's output channels that are <= 0 on every position of every
-  image (batch statistics; bn_affine.dead_channel_fractions, last block of the stage).
+  image (batch statistics; the stage output, i.e. its last block's, as in
+  bn_affine.dead_channel_fractions).
 """
 import argparse
 import json
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from montage_pretrain.bn_affine import dead_channel_fractions, reset_bn_affine
+from montage_pretrain.bn_affine import reset_bn_affine
 from montage_pretrain.diagnostics import participation_ratio
 from montage_pretrain.export_format import read_export
 from montage_pretrain.export import rescale_export
@@ -106,7 +107,6 @@ def diagnose(model, images):
     # Train-mode forwards update BN running statistics: measure on a copy of them.
     saved = {k: v.clone() for k, v in backbone.state_dict().items()}
     gaps = bn_gaps(backbone, images)
-    dead = dead_channel_fractions(backbone, images)
     frozen = stage_outputs(backbone, images, False)
     batch = stage_outputs(backbone, images, True)
     backbone.load_state_dict(saved)
@@ -118,10 +118,8 @@ def diagnose(model, images):
             row["rms_frozen"] = float(frozen[stage].double().pow(2).mean().sqrt())
             row["rms_batch"] = float(batch[stage].double().pow(2).mean().sqrt())
             row["pr"] = participation_ratio(batch[stage])
-            last = max((k for k in dead if k.startswith(stage + ".")),
-                       key=lambda k: int(k.split(".")[1]), default=None)
-            if last is not None:
-                row["dead"] = dead[last]
+            # The stage output is its last block's: the same forward, no second pass.
+            row["dead"] = float((batch[stage].amax(dim=(0, 2, 3)) <= 0).float().mean())
         if row:
             out[stage] = row
     return out
