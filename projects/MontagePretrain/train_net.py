@@ -30,6 +30,8 @@ from detectron2.utils.logger import setup_logger
 from montage_pretrain import (
     ERFRefreshHook,
     ExportHook,
+    FeatureCollapseError,
+    FeatureCollapseHook,
     add_montage_config,
     assert_montage_cfg,
     build_montage_train_loader,
@@ -82,6 +84,9 @@ class Trainer(DefaultTrainer):
         ret = super().build_hooks()
         # ERF weights must be ready before the first step; export once training has finished.
         ret.insert(0, ERFRefreshHook(cfg))
+        # After the ERF hook (its BN calibration sets the random init's statistics), before
+        # the checkpointer, so a collapsed state raises before it is saved or exported.
+        ret.insert(1, FeatureCollapseHook(cfg))
         ret.append(ExportHook(cfg, os.path.join(cfg.OUTPUT_DIR, cfg.MONTAGE.EXPORT_NAME)))
         return ret
 
@@ -160,6 +165,8 @@ def main(args):
         return trainer.train()
     except BankFormatError as e:  # a damaged crop met during training
         raise SystemExit(f"train_net.py: {_last_line(e)}") from None
+    except FeatureCollapseError as e:  # MONTAGE.COLLAPSE: nothing is exported
+        raise SystemExit(f"train_net.py: {e}") from None
     except FloatingPointError as e:  # Detectron2's non-finite loss check
         raise SystemExit(nonfinite_message("train_net.py", e, cfg, trainer.iter,
                                            cfg.MONTAGE.LOG_PERIOD, latest_losses(trainer))) from None

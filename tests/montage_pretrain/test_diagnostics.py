@@ -55,3 +55,23 @@ def test_stage_ratios_separate_random_from_collapsed_backbone():
                 m.weight.copy_(m.weight[:1].expand_as(m.weight))
     collapsed = stage_participation_ratios(backbone, images)
     assert all(v < 1.01 for v in collapsed.values()), collapsed
+
+
+def test_last_feature_health_reads_the_coarsest_output_and_leaves_bn_statistics_alone():
+    from montage_pretrain.diagnostics import last_feature_health
+
+    backbone = _r18().eval()
+    images = torch.randn(2, 3, 96, 96)
+    before = {k: v.clone() for k, v in backbone.named_buffers()}
+    healthy = last_feature_health(backbone, images)
+    assert not backbone.training
+    assert all(torch.equal(v, before[k]) for k, v in backbone.named_buffers())  # restored
+    assert healthy["dead"] == 0.0 and healthy["pr"] > 4
+    # A negative shift in res5's last BN (what a hot pre-training did): its block's ReLU then
+    # zeroes every channel everywhere, and nothing varies.
+    with torch.no_grad():
+        backbone.res5[-1].conv2.norm.bias.fill_(-100.0)
+    collapsed = last_feature_health(backbone, images)
+    assert collapsed == {"pr": 0.0, "dead": 1.0}
+    # Only res5 changed: the coarsest output is the one measured.
+    assert stage_participation_ratios(backbone, images)["res4"] > 4

@@ -110,3 +110,75 @@ def test_loss_metrics_only_every_log_period(train_net, monkeypatch):
         inner.iter = it
         inner._write_metrics({"loss": torch.tensor(1.0)}, 0.0)
     assert written == [0, 4, 8, 10]
+
+
+def _fake_health(monkeypatch, train_net, prs):
+    """The guard's measurements return ``prs`` in turn (the last one repeats)."""
+    calls = []
+
+    def measure(self):
+        calls.append(self.trainer.iter)
+        return {"pr": prs[min(len(calls), len(prs)) - 1], "dead": 0.5}
+
+    monkeypatch.setattr(train_net.FeatureCollapseHook, "measure", measure)
+    return calls
+
+
+def test_collapse_guard_stops_before_checkpoint_and_export(train_net, bank_path, tmp_path,
+                                                            monkeypatch):
+    """MONTAGE.COLLAPSE: a participation ratio below MIN_PR_RATIO x the random init's ends the
+    run with one line; the collapsed state is neither checkpointed nor exported."""
+    out = tmp_path / "run"
+    calls = _fake_health(monkeypatch, train_net, [80.0, 60.0, 2.0])
+    with pytest.raises(SystemExit) as e:
+        run(train_net, bank_path, out, extra=["MONTAGE.COLLAPSE.PERIOD", "2"])
+    msg = str(e.value)
+    assert "\n" not in msg and "collapsed by iteration 4" in msg and "80.0" in msg
+    assert "2.0" in msg and "SOLVER.BASE_LR" in msg
+    assert calls == [0, 1, 3]  # before training, then after iterations 2 and 4
+    files = set(os.listdir(out))
+    assert "montage_backbone.pkl" not in files and "model_final.pth" not in files
+    assert "model_0000002.pth" in files  # the healthy checkpoint before the collapse is kept
+
+
+def test_collapse_guard_warn_goes_on_and_resumes_with_the_reference(train_net, bank_path,
+                                                                    tmp_path, monkeypatch):
+    import json
+
+    out = tmp_path / "run"
+    _fake_health(monkeypatch, train_net, [80.0, 2.0])
+    run(train_net, bank_path, out, extra=["MONTAGE.COLLAPSE.PERIOD", "3",
+                                          "MONTAGE.COLLAPSE.ACTION", "warn"])
+    assert (out / "montage_backbone.pkl").exists()
+    rows = [json.loads(line) for line in open(out / "metrics.json")]
+    # Detectron2's writers log the latest value at their period (here: the last iteration)
+    assert [r["montage/feature_pr"] for r in rows if "montage/feature_pr" in r] == [2.0]
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert state["trainer"]["hooks"]["FeatureCollapseHook"] == {"reference": 80.0}
+    # Resuming the collapsed run with the default action: the reference comes from the
+    # checkpoint (no new random-init measurement) and the check fails at once.
+    calls = _fake_health(monkeypatch, train_net, [2.0])
+    with pytest.raises(SystemExit, match="collapsed by iteration 6.*from 80.0"):
+        run(train_net, bank_path, out, resume=True)
+    assert calls == [6]
+
+
+def test_collapse_guard_real_measurement_passes_a_healthy_run(train_net, bank_path, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    run(train_net, bank_path, out, extra=["MONTAGE.COLLAPSE.PERIOD", "3"])
+    rows = [json.loads(line) for line in open(out / "metrics.json")]
+    prs = [r["montage/feature_pr"] for r in rows if "montage/feature_pr" in r]
+    assert prs and all(p > 1.0 for p in prs)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("MONTAGE.COLLAPSE.ACTION", "ignore", "use stop"),
+    ("MONTAGE.COLLAPSE.MIN_PR_RATIO", "1.5", "ratio in [0, 1)"),
+    ("MONTAGE.COLLAPSE.PERIOD", "-1", "period >= 0"),
+])
+def test_collapse_guard_bad_config_is_one_line(train_net, bank_path, tmp_path, key, value, needle):
+    with pytest.raises(SystemExit) as e:
+        run(train_net, bank_path, tmp_path / "run", extra=[key, value])
+    assert needle in str(e.value) and key.split(".")[-1] in str(e.value)

@@ -2,7 +2,7 @@
 from .config import add_montage_config, assert_montage_cfg
 from .data import MontageStream, build_montage_train_loader, collate_montages, collate_packed
 from .export import convert_state_dict, export_backbone
-from .hooks import ERFRefreshHook, ExportHook
+from .hooks import ERFRefreshHook, ExportHook, FeatureCollapseError, FeatureCollapseHook
 from .meta_arch import MontageClassifier
 from .fpn_meta_arch import MontageFPNClassifier
 from .montage import MontageTemplate, assemble_montages, unpack_crops

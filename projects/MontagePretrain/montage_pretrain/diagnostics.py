@@ -14,7 +14,7 @@ uncorrelated with equal variance. A randomly initialised ResNet-18 scores ~13/64
 """
 import torch
 
-__all__ = ["participation_ratio", "stage_participation_ratios"]
+__all__ = ["participation_ratio", "stage_participation_ratios", "last_feature_health"]
 
 
 def participation_ratio(features):
@@ -53,3 +53,33 @@ def stage_participation_ratios(backbone, images, batch_stats=True):
     finally:
         backbone.train(was_training)
     return {name: participation_ratio(outputs[name]) for name in backbone._out_features}
+
+
+@torch.no_grad()
+def last_feature_health(backbone, images):
+    """
+    Health of the backbone's coarsest output (the one a Montage classifier reads, e.g. res5) on
+    montages, with BN on batch statistics as in training. The norms' running statistics are
+    restored afterwards, so a measurement leaves the training state as it found it.
+
+    Args:
+        backbone (Backbone): a Detectron2 backbone.
+        images (Tensor): (N, 3, S, S) montages, already normalised.
+    Returns:
+        dict: ``pr`` (participation ratio, in [0, C]) and ``dead`` (fraction of the C channels
+        that are <= 0 at every position of every image, in [0, 1]).
+    """
+    shapes = backbone.output_shape()
+    name = max(shapes, key=lambda k: shapes[k].stride)
+    buffers = {k: v.clone() for k, v in backbone.named_buffers()}
+    was_training = backbone.training
+    backbone.train()
+    try:
+        feat = backbone(images)[name].float()
+    finally:
+        backbone.train(was_training)
+        current = dict(backbone.named_buffers())
+        for k, v in buffers.items():
+            current[k].copy_(v)
+    dead = float((feat.amax(dim=(0, 2, 3)) <= 0).float().mean())
+    return dict(pr=participation_ratio(feat), dead=dead)
