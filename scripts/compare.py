@@ -576,6 +576,22 @@ def whole_run_cpu_s(rec):
     return resumed_cpu_s(rec["cpu_s"], iters, rec.get("resumed_from"))
 
 
+def last_feature_health(run_dir):
+    """The feature-collapse guard's last reading in a pre-training's ``metrics.json``:
+    ``{"feature_pr", "dead_channels"}`` (None when the run has none: guard off, older code)."""
+    last = {}
+    try:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            for line in f:
+                row = json.loads(line)
+                for key in ("feature_pr", "dead_channels"):
+                    if f"montage/{key}" in row:
+                        last[key] = round(row[f"montage/{key}"], 4)
+    except (OSError, ValueError):
+        return None
+    return last or None
+
+
 def _remove_intermediate_checkpoints(run_dir):
     """Drops the ``model_<iter>.pth`` files of a finished run: only model_final.pth is kept."""
     for name in os.listdir(run_dir):
@@ -750,13 +766,16 @@ class Comparison:
         # The export as trained: what every pre-training record holds (the sid predates the
         # init-scale default); arms with a weight_scale derive theirs from it (export_for).
         cmd += ["MONTAGE.EXPORT_WEIGHT_SCALE", "trained"]
+        # The feature-collapse guard only measures (same weights either way): here a collapsed
+        # arm (the hot recipes) is a result for the table and its verdict, not a stopped run.
+        cmd += ["MONTAGE.COLLAPSE.ACTION", "warn"]
         wall, cpu = run(cmd, os.path.join(d, "stdout.log"), self.env)
         # cpu_s: what this command measured; whole_run_cpu_s scales a resumed one.
         extra = dict(resumed_from=resumed) if resumed else {}
         rec = self._record(arm, seed, "pretrain", sid, settings, cmd, wall, cpu, d,
                            export=os.path.join(d, EXPORT_NAME),
                            config_sha1=resolved_config_sha1(os.path.join(d, "config.yaml")),
-                           **extra)
+                           feature_health=last_feature_health(d), **extra)
         if self.p.get("checkpoint_period"):
             _remove_intermediate_checkpoints(d)
         print(f"{self.key(arm, seed, 'pretrain', sid)}: {cpu:.0f} CPU-s", flush=True)

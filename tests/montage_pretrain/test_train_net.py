@@ -177,6 +177,7 @@ def test_collapse_guard_real_measurement_passes_a_healthy_run(train_net, bank_pa
     ("MONTAGE.COLLAPSE.ACTION", "ignore", "use stop"),
     ("MONTAGE.COLLAPSE.MIN_PR_RATIO", "1.5", "ratio in [0, 1)"),
     ("MONTAGE.COLLAPSE.PERIOD", "-1", "period >= 0"),
+    ("MONTAGE.COLLAPSE.NUM_IMAGES", "0", "use >= 1"),
 ])
 def test_collapse_guard_bad_config_is_one_line(train_net, bank_path, tmp_path, key, value, needle):
     with pytest.raises(SystemExit) as e:

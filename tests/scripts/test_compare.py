@@ -616,6 +616,12 @@ def test_schedule_arms_pretrain_their_own_recipe(compare, tmp_path, monkeypatch)
     assert pre["erf_hot_init"]["sid"] != pre["erf_hot_lowstart_init"]["sid"]
     assert "SOLVER.IMS_PER_BATCH" not in pre["erf"]["command"]
     assert not {"montages", "lr", "warmup_factor"} & set(pre["erf"]["settings"])
+    # The collapse guard warns instead of stopping (a collapsed arm is a result); it only
+    # measures, so it is in no settings (the sids of earlier runs stay valid).
+    for r in pre.values():
+        assert r["command"].endswith("MONTAGE.COLLAPSE.ACTION warn")
+        assert "COLLAPSE" not in json.dumps(r["settings"])
+        assert r["feature_health"] is None  # the fake steps write no metrics.json
     ft = {r["arm"]: r for r in results.values() if r["step"] == "finetune"}
     assert ft["erf_hot_init"]["weights"].endswith("_init_scale.pkl")
     assert ft["erf_hot_init"]["weights"].startswith(os.path.dirname(pre["erf_hot_init"]["export"]))
@@ -663,3 +669,13 @@ def test_resumed_cpu_is_scaled_to_the_whole_run(compare):
     assert compare.whole_run_cpu_s(dict(cpu_s=10.0, settings=dict(iters=300),
                                         resumed_from="model_0000149.pth")) == (20.0, True)
     assert compare.whole_run_cpu_s(dict(cpu_s=10.0, iters=40)) == (10.0, False)
+
+
+def test_last_feature_health_reads_the_guards_last_values(compare, tmp_path):
+    rows = [{"iteration": 9, "montage/feature_pr": 80.0, "montage/dead_channels": 0.0},
+            {"iteration": 19, "total_loss": 2.0},
+            {"iteration": 59, "montage/feature_pr": 1.23456, "montage/dead_channels": 0.9}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows))
+    assert compare.last_feature_health(str(tmp_path)) == {"feature_pr": 1.2346,
+                                                           "dead_channels": 0.9}
+    assert compare.last_feature_health(str(tmp_path / "missing")) is None

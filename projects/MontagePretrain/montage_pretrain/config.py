@@ -98,8 +98,11 @@ def add_montage_config(cfg):
     # chess (R-18, res5, 16 montages): random init 81-89, healthy runs 31-61 (ratio >= 0.36),
     # collapsed ones 1.0-3.9 (<= 0.045).
     _C.MONTAGE.COLLAPSE = CN()
-    # Iterations between checks (0 = off). A check is one forward pass on ERF_NUM_IMAGES montages.
+    # Iterations between checks (0 = off). A check is one forward pass on NUM_IMAGES montages.
     _C.MONTAGE.COLLAPSE.PERIOD = 100
+    # Montages of the fixed set: every position of the coarsest map is a sample of the C x C
+    # covariance, so few positions cap the PR (4 montages x 4 x 4 positions at 128 px: <= 63).
+    _C.MONTAGE.COLLAPSE.NUM_IMAGES = 16
     _C.MONTAGE.COLLAPSE.MIN_PR_RATIO = 0.1
     # "stop": end the run with a one-line error before it exports; "warn": log and go on.
     _C.MONTAGE.COLLAPSE.ACTION = "stop"
@@ -170,6 +173,9 @@ def assert_montage_cfg(cfg, world_size=1):
     if m.COLLAPSE.ACTION not in ("stop", "warn"):
         raise ValueError(f"MONTAGE.COLLAPSE.ACTION={m.COLLAPSE.ACTION!r}: use stop (the default) "
                          "or warn")
+    if int(m.COLLAPSE.NUM_IMAGES) < 1:
+        raise ValueError(f"MONTAGE.COLLAPSE.NUM_IMAGES={m.COLLAPSE.NUM_IMAGES}: use >= 1 "
+                         "(montages of the guard's fixed set; 16 is the default)")
     if int(m.COLLAPSE.PERIOD) < 0 or not 0.0 <= m.COLLAPSE.MIN_PR_RATIO < 1.0:
         raise ValueError(f"MONTAGE.COLLAPSE.PERIOD={m.COLLAPSE.PERIOD}, MIN_PR_RATIO="
                          f"{m.COLLAPSE.MIN_PR_RATIO}: use a period >= 0 (0 = off) and a ratio in "

@@ -121,7 +121,7 @@ class FeatureCollapseHook(HookBase):
         self._period = int(cfg.MONTAGE.COLLAPSE.PERIOD)
         self._ratio = float(cfg.MONTAGE.COLLAPSE.MIN_PR_RATIO)
         self._stop = cfg.MONTAGE.COLLAPSE.ACTION == "stop"
-        self._num = cfg.MONTAGE.ERF_NUM_IMAGES
+        self._num = cfg.MONTAGE.COLLAPSE.NUM_IMAGES
         self._seed = max(cfg.SEED, 0) + self.SEED_OFFSET
         self._batch = None
         self.reference = None  # PR of the random init
