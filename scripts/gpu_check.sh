@@ -18,8 +18,9 @@
 #   stability.jsonl  scripts/benchmark.py --task stability: the pyramid configs at 512 montages x
 #                    224 px (bf16), the unnormalised-FPN control: every loss, finite or not
 #   experiment.json  scripts/gpu_experiment.py: chess (or toy) -> bank -> two Montage-ERF R-18
-#                    pre-trainings (warm-up from 0.25 and from 0.01 x LR) -> the default exports
-#                    (init scale) and one as trained -> the same R-18 FPN detector from each and
+#                    pre-trainings (LR 0.05 with the collapse guard on, and the linear rule's
+#                    0.8 x batch / 512 at warn) -> the default exports (init scale) and one as
+#                    trained -> the same R-18 FPN detector from each and
 #                    from random init (scratch_bn), 2 seeds at 32 epochs (+ 1 seed at 8), 9 runs
 #                    side by side -> COCO AP on valid, paired differences, per-stage updates of
 #                    the first 100 iterations
@@ -224,11 +225,13 @@ print(int(min(max(s * rate / b if rate else 300, lo), hi)))
 " "${rate:-}" "$PRE_SECONDS" "$PRE_BATCH" "$PRE_MIN_ITER" "$PRE_MAX_ITER")
   log "pre-training: $iters iterations x $PRE_BATCH montages (measured rate ${rate:-n/a}/s)"
   # The long protocol in one call (scripts/gpu_experiment.py, issue 20): two pre-trainings
-  # (warm-up from 0.25 x LR as always, and from 0.01 x LR), then scratch_bn / erf_init (the
-  # default export) / erf_lowstart_init into the same trainable-BN R-18 FPN detector for
-  # FT_SEEDS at FT_ITER (>= 30 epochs of chess train), erf (the export as trained) for the first
-  # seed, scratch_bn / erf_init for the first seed at FT_SHORT too: 9 runs side by side. LR 0.01 for every arm, not scaled to
-  # FT_BATCH: on an H200 (2026-11-27) the linear rule's 0.04 left the BN hand-off at AP 0.0.
+  # (the default path: LR 0.05 at any batch with the feature-collapse guard on; and the linear
+  # rule's 0.8 x batch / 512 with the guard at warn), then scratch_bn / erf_init (the default
+  # export) / erf_hot_init into the same trainable-BN R-18 FPN detector for FT_SEEDS at FT_ITER
+  # (>= 30 epochs of chess train), erf (the export as trained) for the first seed, scratch_bn /
+  # erf_init for the first seed at FT_SHORT too: 9 runs side by side. LR 0.01 for every arm, not
+  # scaled to FT_BATCH: on an H200 (2026-11-27) the linear rule's 0.04 left the BN hand-off at
+  # AP 0.0.
   $PY scripts/gpu_experiment.py --work "$WORK/exp" --out "$OUT/experiment.json" \
     --bank "$WORK/bank.h5" --train-json "$train_json" --train-images "$train_dir" \
     --val-json "$val_json" --val-images "$val_dir" --device $DEVICE --amp $AMP \

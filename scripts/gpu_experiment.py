@@ -9,20 +9,23 @@ detector from random init once fine-tuning is long enough for random init to con
 scripts/gpu_check.sh's ``experiment`` step calls it (``--dry-run``: tiny sizes on the CPU).
 
 1. Pre-trains R-18 (configs/demo/montage_R_18_toy.yaml at ``--pre-batch`` montages x
-   ``--pre-size`` px, LR 0.8 x batch / 512, warm-up 10 % from the config's 0.25 x LR): the export
-   train_net.py writes by default (``init``: BN-followed conv filters at their init norm, same
-   outputs), and the same checkpoint exported as trained (``montage-export --weight-scale
-   trained``, the hand-off before issue 20). With ``--lowstart-factor`` (0.01) a second
-   pre-training, the same but for the warm-up's start (``SOLVER.WARMUP_FACTOR``): the candidate
-   fix for the collapse of a hot schedule (project README, "Cause (2)"). Every export's filter
-   norms against Detectron2's init, and a per-stage diagnosis against random init, are recorded.
+   ``--pre-size`` px, warm-up 10 % from the config's 0.25 x LR) twice:
+   * at ``--pre-lr`` (the default path: a bounded LR, and the feature-collapse guard at its
+     default, ``stop``): its default export (``init``: BN-followed conv filters at their init
+     norm, same outputs) is arm ``erf_init``, the same checkpoint exported as trained
+     (``montage-export --weight-scale trained``, the hand-off before issue 20) arm ``erf``;
+   * at the linear rule's 0.8 x batch / 512 (``--hot-lr``; the GPU check's recipe before the
+     guard, which collapsed on chess: project README, "Cause (2), taken apart") with the guard
+     at ``warn``, so it exports whatever it becomes: arm ``erf_hot_init``.
+   Every export's filter norms against Detectron2's init, the guard's participation-ratio
+   readings, and a per-stage diagnosis against random init are recorded.
 2. Fine-tunes, all side by side on the device, the toy R-18 FPN detector (trainable BN, FREEZE_AT
-   0; only MODEL.WEIGHTS differs between arms): ``scratch_bn`` (random init), ``erf_init`` (the
-   default export) and ``erf_lowstart_init`` (the low-start pre-training's default export) for
-   every ``--seeds`` at ``--ft-iters``; ``erf`` (the export as trained) for the first seed; and
+   0; only MODEL.WEIGHTS differs between arms): ``scratch_bn`` (random init), ``erf_init`` and
+   ``erf_hot_init`` for every ``--seeds`` at ``--ft-iters``; ``erf`` for the first seed; and
    scratch_bn / erf_init for the first seed at ``--ft-short`` too (0 = none): 9 runs with the
    defaults. Every run traces its first 100 iterations (finetune_net.py --trace-iters:
-   per-stage relative updates).
+   per-stage relative updates). A pre-training that fails (the guard stopped it) drops its
+   arms; the others still run.
 3. Writes ``--out`` after each phase: AP per run, loss trace, max loss, the trace summary, and the
    paired difference of each pre-trained arm to scratch_bn per seed and length.
 """
@@ -38,8 +41,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRE_CONFIG = "projects/MontagePretrain/configs/demo/montage_R_18_toy.yaml"
 FT_CONFIG = "projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml"
-ARMS = ("scratch_bn", "erf_init", "erf_lowstart_init", "erf")
+ARMS = ("scratch_bn", "erf_init", "erf_hot_init", "erf")
 STAGES = ("stem", "res2", "res3", "res4", "res5", "fpn")
+# The default pre-training's LR, at any batch (the linear rule's 0.8 x batch / 512 collapsed R-18
+# on chess and coco_tiny banks; project README, "The fix in the default path (part 2)").
+PRE_LR = 0.05
 
 
 def parse_args(argv=None):
@@ -62,9 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--ft-lr", type=float, default=0.01)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--trace-iters", type=int, default=100)
-    p.add_argument("--lowstart-factor", type=float, default=0.01,
-                   help="a second pre-training whose warm-up starts at this fraction of the LR "
-                        "(arm erf_lowstart_init; 0: none)")
+    p.add_argument("--pre-lr", type=float, default=PRE_LR,
+                   help="LR of the default pre-training (arms erf_init, erf), whatever the batch")
+    p.add_argument("--hot-lr", type=float, default=-1.0,
+                   help="LR of the second pre-training, guard at warn (arm erf_hot_init); "
+                        "-1: the linear rule's 0.8 x batch / 512; 0: none")
     p.add_argument("ft_opts", nargs=argparse.REMAINDER, help="extra fine-tuning opts (sizes)")
     return p.parse_args(argv)
 
@@ -76,11 +84,10 @@ def save(path, rec):
     os.replace(tmp, path)
 
 
-def run_pretraining(a, name, warmup_factor=None):
-    """One R-18 pre-training at the hot recipe (``warmup_factor``: the warm-up's start, the
-    config's 0.25 when None) into ``work/<name>``: (its record, its folder)."""
+def run_pretraining(a, name, lr, extra=()):
+    """One R-18 pre-training at ``lr`` (``extra``: more config opts) into ``work/<name>``:
+    (its record, its folder)."""
     d = os.path.join(a.work, name)
-    lr = 0.8 * a.pre_batch / 512
     cmd = [sys.executable, "projects/MontagePretrain/train_net.py", "--config-file", PRE_CONFIG,
            "MONTAGE.BANK", a.bank, "OUTPUT_DIR", d, "MODEL.DEVICE", a.device, "SEED", "0",
            "SOLVER.IMS_PER_BATCH", str(a.pre_batch), "SOLVER.BASE_LR", str(lr),
@@ -90,8 +97,7 @@ def run_pretraining(a, name, warmup_factor=None):
            "MONTAGE.INPUT_SIZE", str(a.pre_size), "MONTAGE.CHANNELS_LAST", a.amp,
            "MONTAGE.ERF_PERIOD", str(max(1, a.pre_iters // 2)),
            "DATALOADER.NUM_WORKERS", str(a.pre_workers), "TEST.PRECISE_BN.NUM_ITER", "5"]
-    if warmup_factor is not None:
-        cmd += ["SOLVER.WARMUP_FACTOR", str(warmup_factor)]
+    cmd += list(extra)
     t0 = time.time()
     with open(os.path.join(a.work, f"{name}.log"), "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -107,17 +113,21 @@ def run_pretraining(a, name, warmup_factor=None):
     if losses:
         rec["loss_trace"] = [[it, round(v, 4)] for it, v in losses]
         rec["loss_max"] = max(v for _, v in losses)
+    rec["feature_pr_trace"] = [[it, round(v, 2)] for it, v in loss_rows(d, "montage/feature_pr")]
+    with open(os.path.join(a.work, f"{name}.log"), errors="replace") as f:
+        flagged = [line.strip() for line in f if "pre-training collapsed by iteration" in line]
+    rec["collapse_message"] = flagged[-1][-400:] if flagged else None
     return rec, d
 
 
-def loss_rows(run_dir):
-    """[(iteration, total_loss)] of a Detectron2 run's metrics.json ([] when absent)."""
+def loss_rows(run_dir, key="total_loss"):
+    """[(iteration, value of ``key``)] of a Detectron2 run's metrics.json ([] when absent)."""
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        rows = [json.loads(x) for x in f if '"total_loss"' in x]
-    return [(r["iteration"], r["total_loss"]) for r in rows]
+        rows = [json.loads(x) for x in f if f'"{key}"' in x]
+    return [(r["iteration"], r[key]) for r in rows]
 
 
 def export_as_trained(run_dir, out):
@@ -140,37 +150,39 @@ def norm_ratios(export_path):
 
 
 def pretrain(a, rec):
-    """The pre-trainings and their exports: the hot recipe as the GPU check always ran it
-    (default export ``erf_init``, and ``erf`` as trained, measured only), and with
-    ``--lowstart-factor`` the same with its warm-up starting low (``erf_lowstart_init``,
-    default export). -> {arm: weight file}, or None when the first failed."""
-    rec["pretrain"], d = run_pretraining(a, "pretrain")
-    if rec["pretrain"]["rc"]:
-        return None
-    default = os.path.join(d, "montage_backbone.pkl")
-    trained = export_as_trained(d, os.path.join(a.work, "montage_backbone_trained.pkl"))
-    weights = {"scratch_bn": "", "erf_init": default, "erf": trained}
-    if a.lowstart_factor:
-        rec["pretrain_lowstart"], d_low = run_pretraining(a, "pretrain_lowstart",
-                                                          a.lowstart_factor)
-        if rec["pretrain_lowstart"]["rc"] == 0:
-            weights["erf_lowstart_init"] = os.path.join(d_low, "montage_backbone.pkl")
-    rec["pretrain"]["norm_ratio_as_trained"] = norm_ratios(trained)
-    rec["pretrain"]["norm_ratio_default_export"] = norm_ratios(default)
-    if "erf_lowstart_init" in weights:  # its filters as trained, before the init rescale
-        rec["pretrain_lowstart"]["norm_ratio_as_trained"] = norm_ratios(export_as_trained(
-            d_low, os.path.join(a.work, "montage_backbone_lowstart_trained.pkl")))
+    """The two pre-trainings and their exports (see the module docstring). -> {arm: weight
+    file}: scratch_bn always, the arms of each pre-training that finished."""
+    weights, diagnosed = {"scratch_bn": ""}, []
+    rec["pretrain"], d = run_pretraining(a, "pretrain", a.pre_lr)
+    if rec["pretrain"]["rc"] == 0:
+        default = os.path.join(d, "montage_backbone.pkl")
+        trained = export_as_trained(d, os.path.join(a.work, "montage_backbone_trained.pkl"))
+        weights.update(erf_init=default, erf=trained)
+        rec["pretrain"]["norm_ratio_as_trained"] = norm_ratios(trained)
+        rec["pretrain"]["norm_ratio_default_export"] = norm_ratios(default)
+        diagnosed += [trained, default]
+    hot_lr = 0.8 * a.pre_batch / 512 if a.hot_lr < 0 else a.hot_lr
+    if hot_lr:
+        rec["pretrain_hot"], d_hot = run_pretraining(a, "pretrain_hot", hot_lr,
+                                                     ["MONTAGE.COLLAPSE.ACTION", "warn"])
+        if rec["pretrain_hot"]["rc"] == 0:
+            weights["erf_hot_init"] = os.path.join(d_hot, "montage_backbone.pkl")
+            # its filters as trained, before the init rescale
+            rec["pretrain_hot"]["norm_ratio_as_trained"] = norm_ratios(export_as_trained(
+                d_hot, os.path.join(a.work, "montage_backbone_hot_trained.pkl")))
+            diagnosed.append(weights["erf_hot_init"])
     # Per stage, the exports against random init on 8 training images (CPU, seconds): filter
-    # norms, effective step, BN statistics fit, activation RMS, feature rank (issue 20).
+    # norms, effective step, BN statistics fit, activation RMS, feature rank, dead units.
     diag = os.path.join(a.work, "diagnosis.json")
-    cmd = [sys.executable, "scripts/diagnose_handoff.py", "--images", a.train_images,
-           "--weights", trained, "--weights", default, "--json", diag]
-    if "erf_lowstart_init" in weights:
-        cmd[-2:-2] = ["--weights", weights["erf_lowstart_init"]]
-    subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "scripts/diagnose_handoff.py", "--images", a.train_images]
+    for w in diagnosed:
+        cmd += ["--weights", w]
+    if diagnosed:
+        subprocess.run(cmd + ["--json", diag], cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     if os.path.isfile(diag):
         with open(diag) as f:
-            rec["pretrain"]["diagnosis"] = json.load(f)["results"]
+            rec["diagnosis"] = json.load(f)["results"]
     return weights
 
 
@@ -258,9 +270,10 @@ def main(argv=None):
     rec = dict(arms=list(ARMS))
     weights = pretrain(a, rec)
     save(a.out, rec)
-    if weights is None:
-        print("pre-training failed: see", os.path.join(a.work, "pretrain.log"))
-        return 1
+    for name in ("pretrain", "pretrain_hot"):
+        if name in rec and rec[name]["rc"]:
+            print(f"{name} failed: see", os.path.join(a.work, f"{name}.log"),
+                  rec[name].get("collapse_message") or "")
     rec["arms"], rec["jobs"] = list(weights), [list(j) for j in jobs(a, tuple(weights))]
     finetune_all(a, weights, rec)
     save(a.out, rec)
@@ -269,7 +282,8 @@ def main(argv=None):
               (r.get("bbox") or {}).get("AP"), "rc", r["rc"])
     for p in rec["paired"]:
         print(f"{p['arm']} - scratch_bn, seed {p['seed']}, {p['iters']} it: {p['delta_AP']:+.2f}")
-    return 0 if all(r["rc"] == 0 for r in rec["runs"]) else 1
+    pre_ok = all(rec[n]["rc"] == 0 for n in ("pretrain", "pretrain_hot") if n in rec)
+    return 0 if pre_ok and all(r["rc"] == 0 for r in rec["runs"]) else 1
 
 
 if __name__ == "__main__":

@@ -35,21 +35,24 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert exp["pretrain"]["iterations"] == 4 and exp["pretrain"]["rc"] == 0
     # the default export is at init scale, the as-trained one is not (measured per stage)
     assert all(abs(v - 1) < 0.05 for v in exp["pretrain"]["norm_ratio_default_export"].values())
-    # the second pre-training: the same but for the warm-up's start
-    low = exp["pretrain_lowstart"]
-    assert low["rc"] == 0 and low["warmup_factor"] == 0.01 and exp["pretrain"]["warmup_factor"] == 0.25
-    assert set(low["norm_ratio_as_trained"]) >= {"stem", "res5"} and low["loss_trace"]
-    diag = exp["pretrain"]["diagnosis"]  # random init + three exports, per stage
+    # the default pre-training at the bounded LR with the guard on; the second at the linear
+    # rule's LR with the guard at warn
+    assert exp["pretrain"]["lr"] == 0.05 and exp["pretrain"]["collapse_message"] is None
+    hot = exp["pretrain_hot"]
+    assert hot["rc"] == 0 and hot["lr"] == 0.8 * 4 / 512
+    assert set(hot["norm_ratio_as_trained"]) >= {"stem", "res5"} and hot["loss_trace"]
+    assert hot["feature_pr_trace"] and all(pr >= 0 for _, pr in hot["feature_pr_trace"])
+    diag = exp["diagnosis"]  # random init + three exports, per stage
     assert len(diag) == 4 and all("res5" in d and "pr" in d["res5"] for d in diag.values())
     runs = {r["arm"]: r for r in exp["runs"]}
-    assert sorted(runs) == ["erf", "erf_init", "erf_lowstart_init", "scratch_bn"]
+    assert sorted(runs) == ["erf", "erf_hot_init", "erf_init", "scratch_bn"]
     assert len(exp["runs"]) == 4
     for r in exp["runs"]:
         assert r["rc"] == 0 and r["bbox"]["AP"] is not None and r["iterations_run"] == 4
         assert r["loss_finite"] and set(r["rel_update_mean"]) >= {"stem", "res5", "fpn"}
     assert runs["erf_init"]["backbone_tensors_loaded"] > 0  # fine-tuned from the export
     assert runs["scratch_bn"]["backbone_tensors_loaded"] is None
-    assert sorted(p["arm"] for p in exp["paired"]) == ["erf", "erf_init", "erf_lowstart_init"]
+    assert sorted(p["arm"] for p in exp["paired"]) == ["erf", "erf_hot_init", "erf_init"]
 
 
 def test_gpu_check_runs_only_the_steps_asked_for(tmp_path):
@@ -81,7 +84,7 @@ def _check_profile(prof):
 
 
 def test_experiment_default_jobs_are_nine_runs(load_script):
-    """The device experiment's defaults: 2 seeds x scratch_bn / erf_init / erf_lowstart_init at
+    """The device experiment's defaults: 2 seeds x scratch_bn / erf_init / erf_hot_init at
     the long length, erf (as trained) for seed 0, scratch_bn / erf_init at the short length."""
     exp = load_script("gpu_experiment")
     a = exp.parse_args(["--work", "w", "--out", "o", "--bank", "b", "--train-json", "t",
@@ -90,7 +93,7 @@ def test_experiment_default_jobs_are_nine_runs(load_script):
     assert len(runs) == 9 and len(set(runs)) == 9
     assert sorted(r for r in runs if r[2] == a.ft_iters and r[0] != "erf") == sorted(
         (arm, s, a.ft_iters) for s in (0, 1)
-        for arm in ("scratch_bn", "erf_init", "erf_lowstart_init"))
+        for arm in ("scratch_bn", "erf_init", "erf_hot_init"))
     assert ("erf", 0, a.ft_iters) in runs and ("erf", 1, a.ft_iters) not in runs
     assert sorted(r for r in runs if r[2] == a.ft_short) == [
         ("erf_init", 0, a.ft_short), ("scratch_bn", 0, a.ft_short)]
