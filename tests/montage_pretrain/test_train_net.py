@@ -112,13 +112,16 @@ def test_loss_metrics_only_every_log_period(train_net, monkeypatch):
     assert written == [0, 4, 8, 10]
 
 
-def _fake_health(monkeypatch, train_net, prs):
-    """The guard's measurements return ``prs`` in turn (the last one repeats)."""
+def _fake_health(monkeypatch, train_net, prs, dead=None):
+    """The guard's measurements return ``prs`` (and ``dead``, default 0) in turn (the last one
+    repeats)."""
     calls = []
+    dead = dead or [0.0] * len(prs)
 
     def measure(self):
         calls.append(self.trainer.iter)
-        return {"pr": prs[min(len(calls), len(prs)) - 1], "dead": 0.5}
+        i = min(len(calls), len(prs)) - 1
+        return {"pr": prs[i], "dead": dead[i]}
 
     monkeypatch.setattr(train_net.FeatureCollapseHook, "measure", measure)
     return calls
@@ -158,9 +161,18 @@ def test_collapse_guard_warn_goes_on_and_resumes_with_the_reference(train_net, b
     # Resuming the collapsed run with the default action: the reference comes from the
     # checkpoint (no new random-init measurement) and the check fails at once.
     calls = _fake_health(monkeypatch, train_net, [2.0])
-    with pytest.raises(SystemExit, match="collapsed by iteration 6.*from 80.0"):
+    with pytest.raises(SystemExit, match="collapsed by iteration 6.*random init's 80.0"):
         run(train_net, bank_path, out, resume=True)
     assert calls == [6]
+
+
+def test_collapse_guard_stops_on_dead_channels_whatever_the_ratio(train_net, bank_path,
+                                                                  tmp_path, monkeypatch):
+    """MAX_DEAD: half the channels dead stops the run even with the PR above its threshold (a PR
+    capped by few positions, as at a 64 px canvas, can miss a collapse)."""
+    _fake_health(monkeypatch, train_net, [30.0, 12.0, 12.0], dead=[0.0, 0.49, 0.5])
+    with pytest.raises(SystemExit, match=r"iteration 4.* 50 % of its channels are dead"):
+        run(train_net, bank_path, tmp_path / "run", extra=["MONTAGE.COLLAPSE.PERIOD", "2"])
 
 
 def test_collapse_guard_real_measurement_passes_a_healthy_run(train_net, bank_path, tmp_path):
@@ -178,6 +190,7 @@ def test_collapse_guard_real_measurement_passes_a_healthy_run(train_net, bank_pa
     ("MONTAGE.COLLAPSE.MIN_PR_RATIO", "1.5", "ratio in [0, 1)"),
     ("MONTAGE.COLLAPSE.PERIOD", "-1", "period >= 0"),
     ("MONTAGE.COLLAPSE.NUM_IMAGES", "0", "use >= 1"),
+    ("MONTAGE.COLLAPSE.MAX_DEAD", "0.0", "fraction in (0, 1]"),
 ])
 def test_collapse_guard_bad_config_is_one_line(train_net, bank_path, tmp_path, key, value, needle):
     with pytest.raises(SystemExit) as e:

@@ -104,6 +104,11 @@ def add_montage_config(cfg):
     # covariance, so few positions cap the PR (4 montages x 4 x 4 positions at 128 px: <= 63).
     _C.MONTAGE.COLLAPSE.NUM_IMAGES = 16
     _C.MONTAGE.COLLAPSE.MIN_PR_RATIO = 0.1
+    # ... or when at least this fraction of its channels is dead (<= 0 at every position of
+    # every montage; random init and every healthy run measured: 0). It catches what a PR
+    # capped by few positions misses: the low-start hot run at 64 px kept 0.12 of random
+    # init's (capped) PR with 97 % of res5 dead.
+    _C.MONTAGE.COLLAPSE.MAX_DEAD = 0.5
     # "stop": end the run with a one-line error before it exports; "warn": log and go on.
     _C.MONTAGE.COLLAPSE.ACTION = "stop"
 
@@ -180,6 +185,9 @@ def assert_montage_cfg(cfg, world_size=1):
         raise ValueError(f"MONTAGE.COLLAPSE.PERIOD={m.COLLAPSE.PERIOD}, MIN_PR_RATIO="
                          f"{m.COLLAPSE.MIN_PR_RATIO}: use a period >= 0 (0 = off) and a ratio in "
                          "[0, 1) (0.1 is the default)")
+    if not 0.0 < m.COLLAPSE.MAX_DEAD <= 1.0:
+        raise ValueError(f"MONTAGE.COLLAPSE.MAX_DEAD={m.COLLAPSE.MAX_DEAD}: use a fraction in "
+                         "(0, 1] (0.5 is the default)")
     if not m.BANK:
         raise ValueError("MONTAGE.BANK is empty: pass MONTAGE.BANK path/to/bank.h5 (make samples)")
     if cfg.SOLVER.IMS_PER_BATCH % world_size:

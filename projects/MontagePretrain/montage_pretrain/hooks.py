@@ -13,7 +13,7 @@ from .diagnostics import last_feature_health
 from .export import export_backbone
 
 __all__ = ["ERFRefreshHook", "FeatureCollapseHook", "FeatureCollapseError", "ExportHook",
-           "unwrap_model"]
+           "is_collapsed", "montage_feature_health", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,24 @@ class ERFRefreshHook(HookBase):
             self._refresh(it)
 
 
+def montage_feature_health(model, batch):
+    """:func:`~montage_pretrain.diagnostics.last_feature_health` of a Montage model's backbone on
+    the montages of ``batch`` (assembled without the training augmentation)."""
+    was_training = model.training
+    model.eval()
+    try:
+        images = model.make_images(batch)
+    finally:
+        model.train(was_training)
+    return last_feature_health(model.backbone, images)
+
+
+def is_collapsed(health, reference_pr, min_pr_ratio, max_dead):
+    """The guard's rule: PR below ``min_pr_ratio`` x random init's, or ``max_dead`` of the
+    channels (or more) dead."""
+    return health["pr"] < min_pr_ratio * reference_pr or health["dead"] >= max_dead
+
+
 class FeatureCollapseError(RuntimeError):
     """Pre-training collapsed its features (``MONTAGE.COLLAPSE``); the message is one line."""
 
@@ -109,7 +127,7 @@ class FeatureCollapseHook(HookBase):
     participation ratio (PR) of the backbone's coarsest output on a fixed montage set, the
     random init's reference; every ``PERIOD`` iterations (and after the last) it measures it
     again and writes ``montage/feature_pr`` (and ``montage/dead_channels``). Below
-    ``MIN_PR_RATIO`` x the reference, "stop" raises :class:`FeatureCollapseError` (no export is
+    ``MIN_PR_RATIO`` x the reference, or with ``MAX_DEAD`` of the channels dead, "stop" raises :class:`FeatureCollapseError` (no export is
     written), "warn" logs once and goes on. The reference is saved in checkpoints, so a resumed
     run keeps the random init's.
     """
@@ -120,12 +138,17 @@ class FeatureCollapseHook(HookBase):
         self._cfg = cfg
         self._period = int(cfg.MONTAGE.COLLAPSE.PERIOD)
         self._ratio = float(cfg.MONTAGE.COLLAPSE.MIN_PR_RATIO)
+        self._max_dead = float(cfg.MONTAGE.COLLAPSE.MAX_DEAD)
         self._stop = cfg.MONTAGE.COLLAPSE.ACTION == "stop"
-        self._num = cfg.MONTAGE.COLLAPSE.NUM_IMAGES
-        self._seed = max(cfg.SEED, 0) + self.SEED_OFFSET
         self._batch = None
         self.reference = None  # PR of the random init
         self._warned = False
+
+    @classmethod
+    def montages(cls, cfg):
+        """The guard's fixed montage set of a config (scripts/collapse_check.py uses it too)."""
+        return fixed_montages(cfg, max(cfg.SEED, 0) + cls.SEED_OFFSET,
+                              cfg.MONTAGE.COLLAPSE.NUM_IMAGES)
 
     def state_dict(self):
         return {"reference": self.reference} if self.reference is not None else {}
@@ -137,17 +160,11 @@ class FeatureCollapseHook(HookBase):
         """``{"pr", "dead"}`` of the current network (see :func:`last_feature_health`); the same
         value on every process (rank 0's)."""
         if self._batch is None:
-            self._batch = fixed_montages(self._cfg, self._seed, self._num)
+            self._batch = self.montages(self._cfg)
         model = unwrap_model(self.trainer.model)
-        was_training = model.training
-        model.eval()  # montages without the training augmentation
-        try:
-            images = model.make_images(self._batch)
-        finally:
-            model.train(was_training)
-        health = last_feature_health(model.backbone, images)
+        health = montage_feature_health(model, self._batch)
         if comm.get_world_size() > 1:
-            values = torch.tensor([health["pr"], health["dead"]], device=images.device)
+            values = torch.tensor([health["pr"], health["dead"]], device=model.device)
             torch.distributed.broadcast(values, src=0)
             health = dict(pr=float(values[0]), dead=float(values[1]))
         return health
@@ -176,13 +193,14 @@ class FeatureCollapseHook(HookBase):
         storage = self.trainer.storage
         storage.put_scalar("montage/feature_pr", health["pr"], smoothing_hint=False)
         storage.put_scalar("montage/dead_channels", health["dead"], smoothing_hint=False)
-        if health["pr"] >= self._ratio * self.reference:
+        if not is_collapsed(health, self.reference, self._ratio, self._max_dead):
             return
         message = (
             f"pre-training collapsed by iteration {it}: the last feature map's participation "
-            f"ratio fell from {self.reference:.1f} (random init) to {health['pr']:.1f} (< "
-            f"MONTAGE.COLLAPSE.MIN_PR_RATIO={self._ratio:g} of it; {100 * health['dead']:.0f} % "
-            f"of its channels dead), and such an export fine-tunes worse than random init; "
+            f"ratio is {health['pr']:.1f} against random init's {self.reference:.1f} "
+            f"(MONTAGE.COLLAPSE.MIN_PR_RATIO={self._ratio:g}) and {100 * health['dead']:.0f} % "
+            f"of its channels are dead (MAX_DEAD={self._max_dead:g}); such an export "
+            f"fine-tunes worse than random init; "
             f"start again with a lower SOLVER.BASE_LR (now {self._cfg.SOLVER.BASE_LR:g}; "
             "0.025 stayed healthy at 16-128 montages on a 2k-crop bank where 0.2 and 0.8 "
             "collapsed)"
