@@ -99,7 +99,7 @@ def add_montage_config(cfg):
     # collapsed ones 1.0-3.9 (<= 0.045).
     _C.MONTAGE.COLLAPSE = CN()
     # Iterations between checks (0 = off). A check is one forward pass on NUM_IMAGES montages.
-    _C.MONTAGE.COLLAPSE.PERIOD = 100
+    _C.MONTAGE.COLLAPSE.PERIOD = 50
     # Montages of the fixed set: every position of the coarsest map is a sample of the C x C
     # covariance, so few positions cap the PR (4 montages x 4 x 4 positions at 128 px: <= 63).
     _C.MONTAGE.COLLAPSE.NUM_IMAGES = 16

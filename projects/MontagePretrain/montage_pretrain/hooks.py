@@ -127,9 +127,10 @@ class FeatureCollapseHook(HookBase):
     participation ratio (PR) of the backbone's coarsest output on a fixed montage set, the
     random init's reference; every ``PERIOD`` iterations (and after the last) it measures it
     again and writes ``montage/feature_pr`` (and ``montage/dead_channels``). Below
-    ``MIN_PR_RATIO`` x the reference, or with ``MAX_DEAD`` of the channels dead, "stop" raises :class:`FeatureCollapseError` (no export is
-    written), "warn" logs once and goes on. The reference is saved in checkpoints, so a resumed
-    run keeps the random init's.
+    ``MIN_PR_RATIO`` x the reference, or with ``MAX_DEAD`` of the channels dead, "stop" raises
+    :class:`FeatureCollapseError` (nothing more is checkpointed, no export is written), "warn"
+    logs once and goes on. The reference is saved in checkpoints, so a resumed run keeps the
+    random init's.
     """
 
     SEED_OFFSET = 104729  # its own montage set, not the ERF's nor the first training batch
@@ -179,7 +180,8 @@ class FeatureCollapseHook(HookBase):
                 return
             self.reference = self.measure()["pr"]
             logger.info("Feature-collapse guard: random-init participation ratio %.1f; the run "
-                        "stops below %.1f", self.reference, self._ratio * self.reference)
+                        "stops below %.1f or with %g of the channels dead", self.reference,
+                        self._ratio * self.reference, self._max_dead)
         else:  # resumed: a collapsed checkpoint (model_final too) must not go on to an export
             self._check(self.trainer.iter)
 
