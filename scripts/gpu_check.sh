@@ -18,7 +18,7 @@
 #   stability.jsonl  scripts/benchmark.py --task stability: the pyramid configs at 512 montages x
 #                    224 px (bf16), the unnormalised-FPN control: every loss, finite or not
 #   experiment.json  scripts/gpu_experiment.py: chess (or toy) -> bank -> two Montage-ERF R-18
-#                    pre-trainings (LR 0.05 with the collapse guard on, and the linear rule's
+#                    pre-trainings (LR 0.025 with the collapse guard on, and the linear rule's
 #                    0.8 x batch / 512 at warn) -> the default exports (init scale) and one as
 #                    trained -> the same R-18 FPN detector from each and
 #                    from random init (scratch_bn), 2 seeds at 32 epochs (+ 1 seed at 8), 9 runs
@@ -225,7 +225,7 @@ print(int(min(max(s * rate / b if rate else 300, lo), hi)))
 " "${rate:-}" "$PRE_SECONDS" "$PRE_BATCH" "$PRE_MIN_ITER" "$PRE_MAX_ITER")
   log "pre-training: $iters iterations x $PRE_BATCH montages (measured rate ${rate:-n/a}/s)"
   # The long protocol in one call (scripts/gpu_experiment.py, issue 20): two pre-trainings
-  # (the default path: LR 0.05 at any batch with the feature-collapse guard on; and the linear
+  # (the default path: LR 0.025 at any batch with the feature-collapse guard on; and the linear
   # rule's 0.8 x batch / 512 with the guard at warn), then scratch_bn / erf_init (the default
   # export) / erf_hot_init into the same trainable-BN R-18 FPN detector for FT_SEEDS at FT_ITER
   # (>= 30 epochs of chess train), erf (the export as trained) for the first seed, scratch_bn /

@@ -37,7 +37,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert all(abs(v - 1) < 0.05 for v in exp["pretrain"]["norm_ratio_default_export"].values())
     # the default pre-training at the bounded LR with the guard on; the second at the linear
     # rule's LR with the guard at warn
-    assert exp["pretrain"]["lr"] == 0.05 and exp["pretrain"]["collapse_message"] is None
+    assert exp["pretrain"]["lr"] == 0.025 and exp["pretrain"]["collapse_message"] is None
     hot = exp["pretrain_hot"]
     assert hot["rc"] == 0 and hot["lr"] == 0.8 * 4 / 512
     assert set(hot["norm_ratio_as_trained"]) >= {"stem", "res5"} and hot["loss_trace"]
