@@ -72,8 +72,6 @@ def check_run(run, checkpoint, bank=None, num_images=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0)) or
-                          torch.get_num_threads())
     rows = [check_run(r, args.checkpoint, args.bank, args.num_images) for r in args.runs]
     print(tabulate([[r["run"], r["random_pr"], r["pr"], r["ratio"], r["dead"],
                      "COLLAPSED" if r["collapsed"] else "ok"] for r in rows],
