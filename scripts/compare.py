@@ -576,9 +576,13 @@ def whole_run_cpu_s(rec):
     return resumed_cpu_s(rec["cpu_s"], iters, rec.get("resumed_from"))
 
 
+COLLAPSE_MARK = "pre-training collapsed by iteration"  # the guard's message (warn: logged)
+
+
 def last_feature_health(run_dir):
     """The feature-collapse guard's last reading in a pre-training's ``metrics.json``:
-    ``{"feature_pr", "dead_channels"}`` (None when the run has none: guard off, older code)."""
+    ``{"feature_pr", "dead_channels", "collapsed"}`` (``collapsed``: the guard's message from
+    the run's log, or None); None when the run has no reading (guard off, older code)."""
     last = {}
     try:
         with open(os.path.join(run_dir, "metrics.json")) as f:
@@ -589,7 +593,18 @@ def last_feature_health(run_dir):
                         last[key] = round(row[f"montage/{key}"], 4)
     except (OSError, ValueError):
         return None
-    return last or None
+    if not last:
+        return None
+    last["collapsed"] = None
+    try:
+        with open(os.path.join(run_dir, "stdout.log"), errors="replace") as f:
+            for line in f:
+                if COLLAPSE_MARK in line:
+                    last["collapsed"] = line[line.index(COLLAPSE_MARK):].strip()
+                    break
+    except OSError:
+        pass
+    return last
 
 
 def _remove_intermediate_checkpoints(run_dir):
@@ -779,6 +794,10 @@ class Comparison:
         if self.p.get("checkpoint_period"):
             _remove_intermediate_checkpoints(d)
         print(f"{self.key(arm, seed, 'pretrain', sid)}: {cpu:.0f} CPU-s", flush=True)
+        if (rec.get("feature_health") or {}).get("collapsed"):
+            # its fine-tunings still run (a result), but the user must not miss why they lose
+            print(f"WARNING {self.key(arm, seed, 'pretrain', sid)}: "
+                  f"{rec['feature_health']['collapsed']}", flush=True)
         return rec
 
     def export_for(self, arm, pre):

@@ -677,5 +677,11 @@ def test_last_feature_health_reads_the_guards_last_values(compare, tmp_path):
             {"iteration": 59, "montage/feature_pr": 1.23456, "montage/dead_channels": 0.9}]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows))
     assert compare.last_feature_health(str(tmp_path)) == {"feature_pr": 1.2346,
-                                                           "dead_channels": 0.9}
+                                                           "dead_channels": 0.9,
+                                                           "collapsed": None}
+    (tmp_path / "stdout.log").write_text(
+        "[12/05 02:39:34 montage_pretrain.hooks]: WARNING pre-training collapsed by iteration 20: "
+        "the last feature map's participation ratio is 2.3. MONTAGE.COLLAPSE.ACTION=warn\n")
+    health = compare.last_feature_health(str(tmp_path))
+    assert health["collapsed"].startswith("pre-training collapsed by iteration 20: the last")
     assert compare.last_feature_health(str(tmp_path / "missing")) is None
