@@ -327,6 +327,30 @@ def verdict(p):
     return "undecided (seeds disagree)"
 
 
+def export_health(pre_records):
+    """The feature-collapse guard's word on a pre-trained arm's exports (its pre-training
+    records over seeds): "collapsed (k of n seeds)", "healthy (n seeds)", or "not measured"
+    (runs from before the guard: ``scripts/collapse_check.py`` measures them)."""
+    health = [(r or {}).get("feature_health") for r in pre_records]
+    measured = [h for h in health if h]
+    collapsed = sum(bool(h.get("collapsed")) for h in measured)
+    if collapsed:
+        return f"collapsed ({collapsed} of {len(health)} seeds)"
+    if measured and len(measured) == len(health):
+        return f"healthy ({len(health)} seeds)"
+    return "not measured"
+
+
+def pretrain_records(proto, arm, n):
+    """The pre-training records behind ``arm``'s fine-tunings at length ``n`` (one per seed that
+    has one)."""
+    cmp = proto.comparison(n)
+    pre = C.pretrain_arm(arm)
+    sid = C.step_sid(cmp.p, pre, "pretrain")
+    seeds = sorted(set(proto.seeds) | set(proto.sweep_seeds))
+    return [r for r in (cmp.done(pre, s, "pretrain", sid) for s in seeds) if r]
+
+
 def report(proto):
     from tabulate import tabulate
 
@@ -347,7 +371,8 @@ def report(proto):
         ap_rows.append(row)
         d_rows.append(drow)
     longest = proto.lengths[-1]
-    verdicts = [[a, verdict(paired_at(values, a, longest))] for a in arms
+    verdicts = [[a, verdict(paired_at(values, a, longest)),
+                 export_health(pretrain_records(proto, a, longest))] for a in arms
                 if C.pretrain_arm(a)]
     cost_rows = []
     for a in arms:
@@ -368,7 +393,8 @@ def report(proto):
             f"Δ AP vs {REF} (same detector from random init, same seed): mean [min, max]", "",
             tabulate(d_rows, headers=head, tablefmt="github", disable_numparse=True), "",
             f"verdict at the longest length ({longest} it, {proto.epochs(longest):.0f} epochs)",
-            "", tabulate(verdicts, headers=["arm", "pre-training"], tablefmt="github"), "",
+            "", tabulate(verdicts, headers=["arm", "pre-training", "export (collapse guard)"],
+                         tablefmt="github"), "",
             "Table 3 view: total CPU-s (pre-training + fine-tuning) against AP", "",
             tabulate(cost_rows, headers=["arm", "fine-tune it", "total CPU-s",
                                          "pre-train CPU-s", "AP"], tablefmt="github",

@@ -98,8 +98,9 @@ def test_mocked_protocol_runs_every_length_once_and_resumes(proto, compare, tmp_
     # FakeSteps: AP = 1 (random init) or 3 (export) + 0.5 * seed + iterations / 1000
     verdicts = {c[0]: c[1] for c in (
         [x.strip() for x in line.strip("|").split("|")] for line in text.splitlines()
-        if line.startswith("| erf")) if len(c) == 2}
+        if line.startswith("| erf")) if len(c) == 3}
     assert verdicts == {"erf": "pays", "erf_init": "pays"}
+    assert "| erf_init | pays           | not measured" in text  # the fakes log no guard
 
     fake.calls.clear()
     assert proto.main(argv) == 0  # all done: nothing runs
@@ -187,3 +188,14 @@ def test_trained_only_trains_nothing(proto, compare, tmp_path, monkeypatch, caps
     assert capsys.readouterr().out.count("not trained, skipped") == 4  # 2 arms x 2 lengths
     assert "--trained-only" in proto.compare_argv(proto.parse_args(["--eval-split", "test"]))
     assert "--trained-only" not in proto.compare_argv(proto.parse_args([]))
+
+
+def test_export_health_reports_the_guards_word(proto):
+    ok = {"feature_health": {"feature_pr": 30.0, "dead_channels": 0.0, "collapsed": None}}
+    bad = {"feature_health": {"feature_pr": 1.2, "dead_channels": 0.9,
+                              "collapsed": "pre-training collapsed by iteration 50: ..."}}
+    old = {"feature_health": None}
+    assert proto.export_health([ok, ok]) == "healthy (2 seeds)"
+    assert proto.export_health([ok, bad, old]) == "collapsed (1 of 3 seeds)"
+    assert proto.export_health([ok, old]) == "not measured"
+    assert proto.export_health([]) == "not measured"
