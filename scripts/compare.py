@@ -576,9 +576,6 @@ def whole_run_cpu_s(rec):
     return resumed_cpu_s(rec["cpu_s"], iters, rec.get("resumed_from"))
 
 
-COLLAPSE_MARK = "pre-training collapsed by iteration"  # the guard's message (warn: logged)
-
-
 def last_feature_health(run_dir):
     """The feature-collapse guard's last reading in a pre-training's ``metrics.json``:
     ``{"feature_pr", "dead_channels", "collapsed"}`` (``collapsed``: the guard's message from
@@ -595,15 +592,9 @@ def last_feature_health(run_dir):
         return None
     if not last:
         return None
-    last["collapsed"] = None
-    try:
-        with open(os.path.join(run_dir, "stdout.log"), errors="replace") as f:
-            for line in f:
-                if COLLAPSE_MARK in line:
-                    last["collapsed"] = line[line.index(COLLAPSE_MARK):].strip()
-                    break
-    except OSError:
-        pass
+    from montage_pretrain.hooks import collapse_message
+
+    last["collapsed"] = collapse_message(os.path.join(run_dir, "stdout.log"))
     return last
 
 

@@ -116,9 +116,9 @@ def run_pretraining(a, name, lr, extra=()):
         rec["loss_trace"] = [[it, round(v, 4)] for it, v in losses]
         rec["loss_max"] = max(v for _, v in losses)
     rec["feature_pr_trace"] = [[it, round(v, 2)] for it, v in loss_rows(d, "montage/feature_pr")]
-    with open(os.path.join(a.work, f"{name}.log"), errors="replace") as f:
-        flagged = [line.strip() for line in f if "pre-training collapsed by iteration" in line]
-    rec["collapse_message"] = flagged[-1][-400:] if flagged else None
+    from montage_pretrain.hooks import collapse_message
+
+    rec["collapse_message"] = collapse_message(os.path.join(a.work, f"{name}.log"))
     return rec, d
 
 

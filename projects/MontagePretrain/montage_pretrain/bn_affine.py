@@ -21,6 +21,7 @@ Weights are ``{bare name: np.ndarray}`` as in the export (``res5.1.conv2.norm.we
 import numpy as np
 import torch
 
+from .diagnostics import batch_statistics
 from .weight_scale import stage_of
 
 __all__ = ["affine_norm_prefixes", "reset_bn_affine", "dead_channel_fractions"]
@@ -88,14 +89,10 @@ def dead_channel_fractions(backbone, images):
         if name.count(".") == 1 and stage_of(name) not in (None, "stem"):
             handles.append(module.register_forward_hook(
                 lambda mod, inp, out, name=name: maxima.__setitem__(name, out.amax(dim=(0, 2, 3)))))
-    saved = {k: v.clone() for k, v in backbone.state_dict().items()}
-    was = backbone.training
-    backbone.train()  # batch statistics; the forward updates running stats: restored below
     try:
-        backbone(images)
+        with batch_statistics(backbone):  # running stats updated by the forward: restored
+            backbone(images)
     finally:
-        backbone.train(was)
-        backbone.load_state_dict(saved)
         for h in handles:
             h.remove()
     return {k: float((v <= 0).float().mean()) for k, v in maxima.items()}

@@ -12,9 +12,28 @@ PR = 1 when every channel is the same signal up to scale, PR = C when the C chan
 uncorrelated with equal variance. A randomly initialised ResNet-18 scores ~13/64 at res2 and
 ~77/512 at res5 on the toy dataset; a collapsed one 1-4 at every stage.
 """
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["participation_ratio", "stage_participation_ratios", "last_feature_health"]
+__all__ = ["participation_ratio", "stage_participation_ratios", "last_feature_health",
+           "batch_statistics"]
+
+
+@contextmanager
+def batch_statistics(module):
+    """Runs ``module`` with its norms on batch statistics (train mode), then restores its mode
+    and every buffer (running statistics, counters) the forward passes updated."""
+    buffers = {k: v.clone() for k, v in module.named_buffers()}
+    was_training = module.training
+    module.train()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+        current = dict(module.named_buffers())
+        for k, v in buffers.items():
+            current[k].copy_(v)
 
 
 def participation_ratio(features):
@@ -71,15 +90,7 @@ def last_feature_health(backbone, images):
     """
     shapes = backbone.output_shape()
     name = max(shapes, key=lambda k: shapes[k].stride)
-    buffers = {k: v.clone() for k, v in backbone.named_buffers()}
-    was_training = backbone.training
-    backbone.train()
-    try:
+    with batch_statistics(backbone):
         feat = backbone(images)[name].float()
-    finally:
-        backbone.train(was_training)
-        current = dict(backbone.named_buffers())
-        for k, v in buffers.items():
-            current[k].copy_(v)
     dead = float((feat.amax(dim=(0, 2, 3)) <= 0).float().mean())
     return dict(pr=participation_ratio(feat), dead=dead)

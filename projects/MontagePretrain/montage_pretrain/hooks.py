@@ -13,7 +13,7 @@ from .diagnostics import last_feature_health
 from .export import export_backbone
 
 __all__ = ["ERFRefreshHook", "FeatureCollapseHook", "FeatureCollapseError", "ExportHook",
-           "is_collapsed", "montage_feature_health", "unwrap_model"]
+           "collapse_message", "is_collapsed", "montage_feature_health", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,23 @@ def is_collapsed(health, reference_pr, min_pr_ratio, max_dead):
     return health["pr"] < min_pr_ratio * reference_pr or health["dead"] >= max_dead
 
 
+# The start of the guard's message: a log that holds it comes from a collapsed run.
+COLLAPSE_MARK = "pre-training collapsed by iteration"
+
+
+def collapse_message(log_path):
+    """The guard's first message in a run's log (from its mark on, stripped), or None (no such
+    message, or no log)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                if COLLAPSE_MARK in line:
+                    return line[line.index(COLLAPSE_MARK):].strip()
+    except OSError:
+        pass
+    return None
+
+
 class FeatureCollapseError(RuntimeError):
     """Pre-training collapsed its features (``MONTAGE.COLLAPSE``); the message is one line."""
 
@@ -198,7 +215,7 @@ class FeatureCollapseHook(HookBase):
         if not is_collapsed(health, self.reference, self._ratio, self._max_dead):
             return
         message = (
-            f"pre-training collapsed by iteration {it}: the last feature map's participation "
+            f"{COLLAPSE_MARK} {it}: the last feature map's participation "
             f"ratio is {health['pr']:.1f} against random init's {self.reference:.1f} "
             f"(MONTAGE.COLLAPSE.MIN_PR_RATIO={self._ratio:g}) and {100 * health['dead']:.0f} % "
             f"of its channels are dead (MAX_DEAD={self._max_dead:g}); such an export "
