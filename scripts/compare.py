@@ -21,7 +21,8 @@ difference erf_fpn − erf); ``erf_fpn_levels`` is erf_fpn with one classifier p
 ``erf_hot_init`` / ``erf_hot_lowstart_init``: pre-training schedule ablations (the GPU check's
 hot 512-montage recipe at 64 px, warm-up starting at 0.2 or 0.008), init-scale export into erf's
 detector (``HOT_RECIPE``; about 40 CPU-minutes of pre-training each); ``erf_long_init``: erf's
-recipe 8x longer (1,200 iterations, about 25 CPU-minutes), likewise;
+recipe 8x longer (1,200 iterations, about 25 CPU-minutes), likewise; ``erf_bank_init``: erf's
+recipe sized to the bank as the paper's (``PAPER_PASSES`` passes over it), likewise;
 ``erf_reinit_res5_init`` / ``erf_reinit_res45_init``: erf_init's export with res5 (res4 + res5)
 back at random init. Per arm and seed
 it measures full fine-tuning AP; the frozen-backbone kNN and linear probes of the export
@@ -106,9 +107,16 @@ SCALE_ARMS = ("erf_init", "erf_frozenbn_init")
 # run 8x longer, 1,200 iterations: its features grow richer with length (README, "Cause (2),
 # taken apart"), where the hot recipe's collapse.
 HOT_RECIPE = dict(montages=512, lr=0.8, iters=300, warmup=30, input_size=64, erf_period=100)
+# erf_bank_init: erf's own recipe sized to the bank as the paper sized its own: 64k iterations x
+# 512 montages x 4 crops over a COCO train2017 bank of at most 946k crops (860k boxes + 10 %
+# negatives) is >= 139 passes; warm-up and ERF period keep the paper's shares of the schedule
+# (1,250 and 5,000 of 64k). On chess's 2,319-crop bank: 5,037 iterations of 16 montages.
+PAPER_PASSES = 139
+PAPER_SHARES = dict(warmup=1250 / 64000, erf_period=5000 / 64000)
 SCHEDULE_RECIPES = {"erf_hot_init": HOT_RECIPE,
                     "erf_hot_lowstart_init": dict(HOT_RECIPE, warmup_factor=0.01),
-                    "erf_long_init": dict(iters=1200, warmup=15, erf_period=50)}
+                    "erf_long_init": dict(iters=1200, warmup=15, erf_period=50),
+                    "erf_bank_init": dict(passes=PAPER_PASSES)}
 SCHEDULE_ARMS = tuple(SCHEDULE_RECIPES)
 # Hand-off ablations (issue 20), arm: (the arm whose pre-training it shares, the variant of that
 # pre-training's init-scale export that scripts/diagnose_handoff.py --write-variant writes,
@@ -462,7 +470,43 @@ def pretrain_settings(plan, arm):
     # A recipe of its own (SCHEDULE_ARMS): replaces iters, warm-up, size, ERF period; adds the
     # batch, LR and warm-up start, which the other arms take from the config (sids unchanged).
     settings.update(spec.get("pretrain_recipe", {}))
+    if "passes" in settings:  # sized at run time from the bank (bank_schedule): same sid
+        for key in ("iters", "warmup", "erf_period"):
+            settings.pop(key)
     return settings
+
+
+def config_batch(config):
+    """SOLVER.IMS_PER_BATCH of a config file relative to the repo root (resolved with its
+    bases): images per fine-tuning step, or montages per pre-training step."""
+    from detectron2.config import get_cfg
+
+    from montage_pretrain.config import add_montage_config, merge_config_file
+
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    merge_config_file(cfg, os.path.join(ROOT, config))
+    return cfg.SOLVER.IMS_PER_BATCH
+
+
+def bank_schedule(settings, num_crops):
+    """``settings`` with ``passes`` (passes over the bank) resolved to ``iters`` (ceil of
+    passes x crops / (4 crops a montage x montages a step)), and warm-up and ERF period at the
+    paper's shares of them; settings without ``passes`` are returned unchanged."""
+    if "passes" not in settings:
+        return settings
+    montages = settings.get("montages") or config_batch(settings["config"])
+    iters = -(-int(settings["passes"] * num_crops) // (4 * montages))
+    return dict(settings, iters=iters, **{k: max(1, round(iters * share))
+                                          for k, share in PAPER_SHARES.items()})
+
+
+def bank_size(path):
+    """Crops in a sample bank (HDF5)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return len(f["label"])
 
 
 def finetune_settings(plan, arm, step):
@@ -749,8 +793,11 @@ class Comparison:
         if self.p["trained_only"]:
             raise NotTrained(self.key(arm, seed, "pretrain", sid))
         d = self.run_dir(arm, seed, "pretrain", sid)
+        bank = self.bank()
+        if "passes" in settings:  # recorded resolved, sid unchanged
+            settings = bank_schedule(settings, bank_size(bank))
         cmd = [self.py, f"{PROJECT}/train_net.py", "--config-file", settings["config"],
-               "MONTAGE.BANK", self.bank(), "MONTAGE.LOSS", settings["loss"],
+               "MONTAGE.BANK", bank, "MONTAGE.LOSS", settings["loss"],
                "MONTAGE.INPUT_SIZE", str(settings["input_size"]),
                "SOLVER.MAX_ITER", str(settings["iters"]),
                "SOLVER.WARMUP_ITERS", str(settings["warmup"]),

@@ -125,18 +125,6 @@ def auto_lengths(num_images, ims_per_batch, epochs=30.0, first=200):
     return lengths
 
 
-def ims_per_batch(config):
-    """SOLVER.IMS_PER_BATCH of a fine-tuning config (resolved with its bases)."""
-    from detectron2.config import get_cfg
-
-    from montage_pretrain.config import add_montage_config, merge_config_file
-
-    cfg = get_cfg()
-    add_montage_config(cfg)
-    merge_config_file(cfg, os.path.join(C.ROOT, config))
-    return cfg.SOLVER.IMS_PER_BATCH
-
-
 def jobs(lengths, seeds, sweep_seeds, arms, longest_first=False):
     """(length, seed, arm) in run order: the sweep seeds length by length (every arm at a length
     before the next), then the other seeds at the longest length; ``longest_first``: the
@@ -193,7 +181,7 @@ class Protocol:
         self.seeds = C.parse_list(args.seeds, int)
         self.sweep_seeds = C.parse_list(args.sweep_seeds, int)
         self.num_images = train_images_used(self.base["train_json"])
-        self.batch = ims_per_batch(C.FINETUNE_CONFIG)
+        self.batch = C.config_batch(C.FINETUNE_CONFIG)
         if args.lengths == "auto" and args.quick:  # smoke size
             self.lengths = [12, 24]
         elif args.lengths == "auto":

@@ -627,6 +627,40 @@ def test_schedule_arms_pretrain_their_own_recipe(compare, tmp_path, monkeypatch)
     assert ft["erf_hot_init"]["weights"].startswith(os.path.dirname(pre["erf_hot_init"]["export"]))
 
 
+def test_bank_schedule_sizes_the_pretraining_to_passes_over_the_bank(compare):
+    """passes x crops / (4 crops x montages) iterations, rounded up; warm-up and ERF period at
+    the paper's shares (1,250 and 5,000 of 64k); settings without passes unchanged."""
+    s = dict(config=compare.PRETRAIN_CONFIG, passes=139)
+    r = compare.bank_schedule(dict(s, montages=512), 946_000)
+    assert r["iters"] == 64_207  # the paper's 64k: its COCO bank, 512 montages a step
+    assert (r["warmup"], r["erf_period"]) == (1254, 5016)
+    r = compare.bank_schedule(s, 2319)  # chess's bank at the config's 16 montages
+    assert (r["iters"], r["warmup"], r["erf_period"]) == (5037, 98, 394)
+    assert compare.bank_schedule(dict(s, passes=1), 65)["iters"] == 2  # rounded up
+    plain = dict(config=compare.PRETRAIN_CONFIG, iters=150)
+    assert compare.bank_schedule(plain, 2319) is plain
+
+
+def test_erf_bank_init_pretrains_passes_over_the_bank(compare, tmp_path, monkeypatch):
+    """erf_bank_init: its sid holds the passes (not the iterations, known only once the bank
+    is built); its command and record hold the iterations the bank's size gives."""
+    monkeypatch.setattr(compare, "bank_size", lambda path: 640)
+    results = run_arms(compare, tmp_path, monkeypatch, FakeSteps(compare.EXPORT_NAME), 0,
+                       "scratch_bn,erf,erf_bank_init")
+    pre = {r["arm"]: r for r in results.values() if r["step"] == "pretrain"}
+    opts = dict(zip(pre["erf_bank_init"]["command"].split(),
+                    pre["erf_bank_init"]["command"].split()[1:]))
+    iters = -(-139 * 640 // 64)
+    assert (opts["SOLVER.MAX_ITER"], opts["SOLVER.WARMUP_ITERS"], opts["MONTAGE.ERF_PERIOD"]) \
+        == (str(iters), str(round(iters * 1250 / 64000)), str(round(iters * 5000 / 64000)))
+    assert pre["erf_bank_init"]["settings"]["iters"] == iters
+    unresolved = {k: v for k, v in pre["erf_bank_init"]["settings"].items()
+                  if k not in ("iters", "warmup", "erf_period")}
+    assert unresolved["passes"] == 139
+    assert compare.sid_of(unresolved) == pre["erf_bank_init"]["sid"]
+    assert pre["erf_bank_init"]["sid"] != pre["erf"]["sid"]
+
+
 def test_handoff_arms_fine_tune_a_variant_of_the_init_scale_export(compare, tmp_path,
                                                                     monkeypatch):
     """erf_reinit_res5_init / erf_reinit_res45_init share erf's pre-training, derive the
