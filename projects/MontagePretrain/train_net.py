@@ -35,6 +35,7 @@ from montage_pretrain import (
     add_montage_config,
     assert_montage_cfg,
     build_montage_train_loader,
+    fit_schedule_to_bank,
 )
 from builder.bank import BankFormatError, SampleBank
 from montage_pretrain.config import merge_config_file
@@ -110,16 +111,19 @@ def check_inputs(cfg):
     Checks the files a user names before anything is written to OUTPUT_DIR (a failed start must
     not replace the ``config.yaml`` of a finished run): the bank opens as a sample bank
     (:class:`~builder.bank.SampleBank`: format, label and group ranges), ``MODEL.WEIGHTS``
-    exists. Raises ValueError or FileNotFoundError with a one-line message.
+    exists. Raises ValueError or FileNotFoundError with a one-line message. Returns the bank's
+    number of crops.
     """
     if not cfg.MONTAGE.BANK:
         raise ValueError("MONTAGE.BANK is empty: pass MONTAGE.BANK path/to/bank.h5 (make samples)")
     bank = SampleBank(cfg.MONTAGE.BANK)
     try:
         bank.num_classes  # opens and checks the file
+        num_crops = len(bank.labels)
     finally:
         bank.close()
     check_weights_path(cfg.MODEL.WEIGHTS)
+    return num_crops
 
 
 def setup(args):
@@ -128,11 +132,12 @@ def setup(args):
     add_montage_config(cfg)
     merge_config_file(cfg, args.config_file)  # plain YAML only: a config file runs no code
     cfg.merge_from_list(args.opts)
-    check_inputs(cfg)  # before the first file is written
+    num_crops = check_inputs(cfg)  # before the first file is written
     plain_config_logs()  # log.txt and captured stdout without ANSI colour codes
     # default_setup only sets up the detectron2 and fvcore loggers; ours report the config
     # adaptations below, ERF refreshes, group fallbacks and the export.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="montage_pretrain")
+    fit_schedule_to_bank(cfg, num_crops)  # MONTAGE.BANK_PASSES; before the schedule's checks
     assert_montage_cfg(cfg, world_size=comm.get_world_size())
     fit_sync_norms(cfg, comm.get_world_size())
     cfg.freeze()

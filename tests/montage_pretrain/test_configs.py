@@ -5,7 +5,8 @@ import os
 import pytest
 
 from detectron2.config import get_cfg
-from montage_pretrain.config import add_montage_config, assert_montage_cfg, merge_config_file
+from montage_pretrain.config import (add_montage_config, assert_montage_cfg, fit_schedule_to_bank,
+                                     merge_config_file)
 
 PROJECT = os.path.join(os.path.dirname(__file__), "..", "..", "projects", "MontagePretrain")
 ALL_CONFIGS = sorted(glob.glob(os.path.join(PROJECT, "configs", "**", "*.yaml"), recursive=True))
@@ -82,6 +83,36 @@ def test_lr_schedule_is_warmup_then_cosine_to_zero():
     assert lrs[-1] < 1e-5
     t = (40000 - 1250) / (64000 - 1250)
     assert lrs[40000] == pytest.approx(0.4 * (1 + math.cos(math.pi * t)), abs=1e-4)
+
+
+def test_bank_passes_sizes_the_schedule_to_the_bank():
+    """MONTAGE.BANK_PASSES: the paper's config over a COCO-sized bank (946k crops) at 139 passes
+    keeps its 64k iterations; over chess's 2,319 crops it shrinks, warm-up, ERF period,
+    checkpoints and steps by the same factor; 0 leaves the config as written."""
+    cfg = load(os.path.join(PROJECT, "configs", "montage_R_50.yaml"))
+    assert cfg.MONTAGE.BANK_PASSES == 0 and fit_schedule_to_bank(cfg, 2319) == 1.0
+    assert cfg.SOLVER.MAX_ITER == 64000
+    cfg.MONTAGE.BANK_PASSES = 139
+    fit_schedule_to_bank(cfg, 946_000)
+    assert cfg.SOLVER.MAX_ITER == 64207  # ceil(139 x 946k / (4 x 512))
+    assert (cfg.SOLVER.WARMUP_ITERS, cfg.MONTAGE.ERF_PERIOD) == (1254, 5016)
+
+    cfg = load(os.path.join(PROJECT, "configs", "demo", "montage_R_18_toy.yaml"))
+    cfg.merge_from_list(["MONTAGE.BANK_PASSES", 139, "SOLVER.STEPS", (200,)])
+    factor = fit_schedule_to_bank(cfg, 2319)
+    s = cfg.SOLVER
+    assert s.MAX_ITER == 5037 and factor == pytest.approx(5037 / 300)  # 16 montages a step
+    assert (s.WARMUP_ITERS, cfg.MONTAGE.ERF_PERIOD, s.CHECKPOINT_PERIOD, s.STEPS) == (
+        round(30 * factor), round(100 * factor), round(100 * factor), (round(200 * factor),))
+    cfg = load(os.path.join(PROJECT, "configs", "demo", "montage_R_18_toy.yaml"))
+    cfg.MONTAGE.BANK_PASSES = 1
+    fit_schedule_to_bank(cfg, 65)  # shrinking keeps every period >= 1, warm-up below MAX_ITER
+    assert cfg.SOLVER.MAX_ITER == 2 and cfg.SOLVER.WARMUP_ITERS == 1
+    assert cfg.MONTAGE.ERF_PERIOD >= 1 and cfg.SOLVER.CHECKPOINT_PERIOD >= 1
+    cfg.MONTAGE.BANK_PASSES = -1
+    with pytest.raises(ValueError, match="MONTAGE.BANK_PASSES") as e:
+        fit_schedule_to_bank(cfg, 65)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("key,value,match", [

@@ -72,6 +72,23 @@ def test_pretrain_end_to_end_then_resume(train_net, bank_path, tmp_path):
     assert int(resumed["erf_iter"]) == 3
 
 
+def test_bank_passes_sets_the_schedule_from_the_bank(train_net, bank_path, tmp_path):
+    """MONTAGE.BANK_PASSES in setup: the iterations come from the bank's crops (read once when
+    the bank is checked), before the warm-up < MAX_ITER check."""
+    from builder.bank import SampleBank
+
+    bank = SampleBank(bank_path)
+    crops = len(bank.labels)
+    bank.close()
+    cfg = train_net.setup(default_argument_parser().parse_args(
+        ["--config-file", CONFIG, "MONTAGE.BANK", bank_path, "OUTPUT_DIR", str(tmp_path)]
+        + TINY + ["MONTAGE.BANK_PASSES", "8"]))
+    assert cfg.SOLVER.MAX_ITER == -(-8 * crops // (4 * 4))
+    factor = cfg.SOLVER.MAX_ITER / 6
+    assert cfg.MONTAGE.ERF_PERIOD == max(1, round(3 * factor))
+    assert "MONTAGE.BANK_PASSES=8" in (tmp_path / "log.txt").read_text()
+
+
 def test_gn_pretraining_hands_off_to_gn_detector(train_net, bank_path, tmp_path):
     """MODEL.RESNETS.NORM GN: pre-trains (PreciseBN / BN calibration have nothing to do), the
     export records GN and holds no running statistics, and the GN toy detector loads every

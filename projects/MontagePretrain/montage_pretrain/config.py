@@ -1,9 +1,11 @@
 """Config keys of Montage pre-training: all of them live under ``cfg.MONTAGE``."""
+import math
+
 from detectron2.config import CfgNode as CN
 
 from .montage import MontageTemplate
 
-__all__ = ["add_montage_config", "assert_montage_cfg", "TRAINABLE_NORMS"]
+__all__ = ["add_montage_config", "assert_montage_cfg", "fit_schedule_to_bank", "TRAINABLE_NORMS"]
 
 # Values of MODEL.RESNETS.NORM that pre-training accepts (the export records which one).
 TRAINABLE_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "GN")
@@ -88,6 +90,14 @@ def add_montage_config(cfg):
     # pre-training inflates them up to 9-25x, which made fine-tuning leave them nearly frozen:
     # montage_pretrain/weight_scale.py, issue 20); "trained" exports them as trained.
     _C.MONTAGE.EXPORT_WEIGHT_SCALE = "init"
+
+    # Pre-training length in passes over the bank (0 = SOLVER.MAX_ITER as written). The paper's
+    # 64k iterations x 512 montages x 4 crops over its COCO bank (<= 946k crops) is >= 139
+    # passes; the same MAX_ITER over a bank 400x smaller is 400x more passes, and a CPU demo's
+    # 300 x 16 montages over chess's 2,319 crops is 8. With PASSES > 0, MAX_ITER becomes
+    # ceil(PASSES x crops / (4 x IMS_PER_BATCH)), and WARMUP_ITERS, STEPS, ERF_PERIOD and
+    # CHECKPOINT_PERIOD scale with it: the config's schedule shape, sized to the bank.
+    _C.MONTAGE.BANK_PASSES = 0
 
     # Feature-collapse guard (issue 20). Too high a pre-training LR for the bank collapses the
     # last feature map onto a few directions (participation ratio 1-4 of 512 channels at res5,
@@ -241,6 +251,41 @@ def assert_montage_cfg(cfg, world_size=1):
             logger.warning("CUDA is not available: SOLVER.AMP.ENABLED=False")
             cfg.SOLVER.AMP.ENABLED = False
     return cfg
+
+
+def fit_schedule_to_bank(cfg, num_crops):
+    """
+    ``MONTAGE.BANK_PASSES`` > 0: sizes the schedule to ``num_crops`` (the bank's crops), in
+    place (the cfg must not be frozen): MAX_ITER = ceil(passes x crops / (4 crops a montage x
+    IMS_PER_BATCH montages)); WARMUP_ITERS, STEPS, MONTAGE.ERF_PERIOD and CHECKPOINT_PERIOD
+    scaled by the same factor (each at least 1). Returns that factor (1.0 when off).
+    """
+    passes = int(cfg.MONTAGE.BANK_PASSES)
+    if passes < 0 or num_crops < 1:
+        raise ValueError(f"MONTAGE.BANK_PASSES={passes} over a bank of {num_crops} crops: use "
+                         "passes >= 0 (0 = SOLVER.MAX_ITER as written) and a non-empty bank")
+    if passes == 0:
+        return 1.0
+    import logging
+
+    s = cfg.SOLVER
+    iters = max(2, math.ceil(passes * num_crops / (4 * s.IMS_PER_BATCH)))
+    factor = iters / s.MAX_ITER
+
+    def scaled(n):
+        return max(1, round(n * factor))
+
+    old = (s.MAX_ITER, s.WARMUP_ITERS, cfg.MONTAGE.ERF_PERIOD)
+    s.MAX_ITER = iters
+    s.WARMUP_ITERS = min(scaled(s.WARMUP_ITERS), iters - 1) if s.WARMUP_ITERS else 0
+    s.STEPS = tuple(scaled(n) for n in s.STEPS)
+    s.CHECKPOINT_PERIOD = scaled(s.CHECKPOINT_PERIOD)
+    cfg.MONTAGE.ERF_PERIOD = scaled(cfg.MONTAGE.ERF_PERIOD)
+    logging.getLogger(__name__).info(
+        "MONTAGE.BANK_PASSES=%d over %d crops at %d montages a step: SOLVER.MAX_ITER %d -> %d, "
+        "WARMUP_ITERS %d -> %d, MONTAGE.ERF_PERIOD %d -> %d", passes, num_crops,
+        s.IMS_PER_BATCH, old[0], iters, old[1], s.WARMUP_ITERS, old[2], cfg.MONTAGE.ERF_PERIOD)
+    return factor
 
 
 # ---------------------------------------------------------------------------------------------
