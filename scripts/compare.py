@@ -496,17 +496,18 @@ def bank_schedule(settings, num_crops):
     if "passes" not in settings:
         return settings
     montages = settings.get("montages") or config_batch(settings["config"])
-    iters = -(-int(settings["passes"] * num_crops) // (4 * montages))
+    from montage_pretrain.config import bank_iterations  # torch and Detectron2: only when used
+
+    iters = bank_iterations(settings["passes"], num_crops, montages)
     return dict(settings, iters=iters, **{k: max(1, round(iters * share))
                                           for k, share in PAPER_SHARES.items()})
 
 
 def bank_size(path):
-    """Crops in a sample bank (HDF5)."""
-    import h5py
+    """Crops in a sample bank (HDF5), read and checked by the bank's own reader."""
+    from builder.bank import SampleBank
 
-    with h5py.File(path, "r") as f:
-        return len(f["label"])
+    return len(SampleBank(path).labels)
 
 
 def finetune_settings(plan, arm, step):

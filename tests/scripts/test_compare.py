@@ -641,6 +641,32 @@ def test_bank_schedule_sizes_the_pretraining_to_passes_over_the_bank(compare):
     assert compare.bank_schedule(plain, 2319) is plain
 
 
+def test_bank_schedule_agrees_with_the_trainers_bank_passes(compare, make_bank, tmp_path):
+    """make compare and train_net size a bank-passes schedule alike: bank_size reads the bank
+    with the bank's own reader (14 crops here) and the iterations are those of
+    MONTAGE.BANK_PASSES for the same config (at least 2 for both); a file that is not a bank
+    fails as a bank."""
+    from builder.bank import BankFormatError
+    from detectron2.config import get_cfg
+    from montage_pretrain import add_montage_config, fit_schedule_to_bank
+
+    path = make_bank()
+    assert compare.bank_size(path) == 14
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    cfg.merge_from_file(os.path.join(compare.ROOT, compare.PRETRAIN_CONFIG))
+    for passes in (1, 139, 1000):
+        cfg.MONTAGE.BANK_PASSES = passes
+        c = cfg.clone()
+        fit_schedule_to_bank(c, 14)
+        r = compare.bank_schedule(dict(config=compare.PRETRAIN_CONFIG, passes=passes), 14)
+        assert r["iters"] == c.SOLVER.MAX_ITER  # 2, 31, 219 (16 montages a step)
+    bad = tmp_path / "not_a_bank.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(BankFormatError):
+        compare.bank_size(str(bad))
+
+
 def test_erf_bank_init_pretrains_passes_over_the_bank(compare, tmp_path, monkeypatch):
     """erf_bank_init: its sid holds the passes (not the iterations, known only once the bank
     is built); its command and record hold the iterations the bank's size gives."""

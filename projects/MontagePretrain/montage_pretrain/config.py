@@ -1,11 +1,11 @@
 """Config keys of Montage pre-training: all of them live under ``cfg.MONTAGE``."""
-import math
 
 from detectron2.config import CfgNode as CN
 
 from .montage import MontageTemplate
 
-__all__ = ["add_montage_config", "assert_montage_cfg", "fit_schedule_to_bank", "TRAINABLE_NORMS"]
+__all__ = ["add_montage_config", "assert_montage_cfg", "bank_iterations", "fit_schedule_to_bank",
+           "TRAINABLE_NORMS"]
 
 # Values of MODEL.RESNETS.NORM that pre-training accepts (the export records which one).
 TRAINABLE_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN", "GN")
@@ -253,6 +253,13 @@ def assert_montage_cfg(cfg, world_size=1):
     return cfg
 
 
+def bank_iterations(passes, num_crops, montages):
+    """Iterations for ``passes`` passes over a bank of ``num_crops`` crops at ``montages``
+    montages a step (4 crops a montage): ceil(passes x crops / (4 x montages)), at least 2 (a
+    warm-up needs an iteration after it)."""
+    return max(2, -(-int(passes * num_crops) // (4 * int(montages))))
+
+
 def fit_schedule_to_bank(cfg, num_crops):
     """
     ``MONTAGE.BANK_PASSES`` > 0: sizes the schedule to ``num_crops`` (the bank's crops), in
@@ -269,7 +276,7 @@ def fit_schedule_to_bank(cfg, num_crops):
     import logging
 
     s = cfg.SOLVER
-    iters = max(2, math.ceil(passes * num_crops / (4 * s.IMS_PER_BATCH)))
+    iters = bank_iterations(passes, num_crops, s.IMS_PER_BATCH)
     factor = iters / s.MAX_ITER
 
     def scaled(n):
