@@ -507,7 +507,7 @@ def bank_size(path):
     """Crops in a sample bank (HDF5), read and checked by the bank's own reader."""
     from builder.bank import SampleBank
 
-    return len(SampleBank(path).labels)
+    return len(SampleBank(path))
 
 
 def finetune_settings(plan, arm, step):
