@@ -26,6 +26,7 @@ WEIGHTS     ?= $(OUT)/pretrain/montage_backbone.pkl# exported backbone (name: MO
 FINETUNE_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy.yaml
 FINETUNE_SCRATCH_CONFIG ?= projects/MontagePretrain/configs/finetune/demo/faster_rcnn_R_18_FPN_toy_scratch.yaml
 FINETUNE_OPTS   ?=
+DEMO_PRETRAIN_ITERS ?= 300#                         make demo: pre-training iterations (make pretrain sizes them to the bank: 139 passes)
 DEMO_THREADS?= 1#                                   make demo: threads per fine-tuning (pinned: reruns here are bitwise equal)
 QUICK       ?= 0#                                   1 = smoke-sized make compare / bench
 # --- make compare: DATASET, or a dataset by path when TRAIN_JSON/TRAIN_IMAGES/VAL_JSON/VAL_IMAGES
@@ -75,7 +76,7 @@ samples: setup ## build the HDF5 sample bank BANK from TRAIN_JSON/TRAIN_IMAGES
 	    --seed $(SEED) --workers $(WORKERS) --overwrite $(BUILD_ARGS)
 	$(PY) -m builder info $(BANK)
 
-pretrain: setup ## Montage pre-training from BANK with PRETRAIN_CONFIG; exports WEIGHTS
+pretrain: setup ## Montage pre-training from BANK with PRETRAIN_CONFIG (139 passes over it; PRETRAIN_OPTS="SOLVER.MAX_ITER N": N iterations); exports WEIGHTS
 	$(PY) projects/MontagePretrain/train_net.py --config-file $(PRETRAIN_CONFIG) \
 	    --num-gpus $(NUM_GPUS) MONTAGE.BANK $(BANK) OUTPUT_DIR $(OUT)/pretrain SEED $(SEED) \
 	    DATALOADER.NUM_WORKERS $(WORKERS) $(PRETRAIN_OPTS)
@@ -89,7 +90,8 @@ finetune: setup ## fine-tune FINETUNE_CONFIG from WEIGHTS and print COCO AP
 demo: setup ## toy data -> samples -> pretrain -> finetune (Montage and scratch) -> AP table
 	@test -f $(TRAIN_JSON) || $(MAKE) --no-print-directory toy
 	$(MAKE) --no-print-directory samples
-	$(MAKE) --no-print-directory pretrain
+	$(MAKE) --no-print-directory pretrain \
+	    PRETRAIN_OPTS="SOLVER.MAX_ITER $(DEMO_PRETRAIN_ITERS) $(PRETRAIN_OPTS)"
 	@echo "fine-tuning Montage and scratch side by side, $(DEMO_THREADS) thread(s) each;" \
 	    "logs: $(OUT)/finetune.log, $(OUT)/scratch.log"
 	@export OMP_NUM_THREADS=$(DEMO_THREADS) MKL_NUM_THREADS=$(DEMO_THREADS); \

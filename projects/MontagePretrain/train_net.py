@@ -17,6 +17,7 @@ bank, the weights) are checked before anything is written to OUTPUT_DIR, and a r
 the run with one line. So does a non-finite loss: the iteration, the loss terms, the knobs to try
 and the last checkpoint with finite weights (:mod:`montage_pretrain.nonfinite`).
 """
+import logging
 import os
 
 import torch
@@ -35,6 +36,7 @@ from montage_pretrain import (
     add_montage_config,
     assert_montage_cfg,
     build_montage_train_loader,
+    command_line_length,
     fit_schedule_to_bank,
 )
 from builder.bank import BankFormatError, SampleBank
@@ -132,11 +134,14 @@ def setup(args):
     add_montage_config(cfg)
     merge_config_file(cfg, args.config_file)  # plain YAML only: a config file runs no code
     cfg.merge_from_list(args.opts)
+    length_note = command_line_length(cfg, args.opts)  # explicit SOLVER.MAX_ITER: no BANK_PASSES
     num_crops = check_inputs(cfg)  # before the first file is written
     plain_config_logs()  # log.txt and captured stdout without ANSI colour codes
     # default_setup only sets up the detectron2 and fvcore loggers; ours report the config
     # adaptations below, ERF refreshes, group fallbacks and the export.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="montage_pretrain")
+    if length_note:
+        logging.getLogger("montage_pretrain").info(length_note)
     fit_schedule_to_bank(cfg, num_crops)  # MONTAGE.BANK_PASSES; before the schedule's checks
     assert_montage_cfg(cfg, world_size=comm.get_world_size())
     fit_sync_norms(cfg, comm.get_world_size())

@@ -86,24 +86,30 @@ def test_lr_schedule_is_warmup_then_cosine_to_zero():
 
 
 def test_bank_passes_sizes_the_schedule_to_the_bank():
-    """MONTAGE.BANK_PASSES: the paper's config over a COCO-sized bank (946k crops) at 139 passes
-    keeps its 64k iterations; over chess's 2,319 crops it shrinks, warm-up, ERF period,
-    checkpoints and steps by the same factor; 0 leaves the config as written."""
+    """MONTAGE.BANK_PASSES, 139 in every shipped pre-training config: the paper's config over a
+    COCO-sized bank (946k crops) keeps its 64k iterations; over chess's 2,319 crops the toy
+    config shrinks warm-up, ERF period, checkpoints and steps by the same factor, and warm-up and
+    ERF period land at the paper's shares (1,250 and 5,000 of 64k); 0 leaves the config as
+    written."""
     cfg = load(os.path.join(PROJECT, "configs", "montage_R_50.yaml"))
-    assert cfg.MONTAGE.BANK_PASSES == 0 and fit_schedule_to_bank(cfg, 2319) == 1.0
-    assert cfg.SOLVER.MAX_ITER == 64000
-    cfg.MONTAGE.BANK_PASSES = 139
+    assert cfg.MONTAGE.BANK_PASSES == 139 and cfg.SOLVER.MAX_ITER == 64000
+    plain = cfg.clone()
+    plain.MONTAGE.BANK_PASSES = 0
+    assert fit_schedule_to_bank(plain, 2319) == 1.0 and plain.SOLVER.MAX_ITER == 64000
     fit_schedule_to_bank(cfg, 946_000)
     assert cfg.SOLVER.MAX_ITER == 64207  # ceil(139 x 946k / (4 x 512))
     assert (cfg.SOLVER.WARMUP_ITERS, cfg.MONTAGE.ERF_PERIOD) == (1254, 5016)
 
     cfg = load(os.path.join(PROJECT, "configs", "demo", "montage_R_18_toy.yaml"))
-    cfg.merge_from_list(["MONTAGE.BANK_PASSES", 139, "SOLVER.STEPS", (200,)])
+    assert cfg.MONTAGE.BANK_PASSES == 139
+    cfg.merge_from_list(["SOLVER.STEPS", (200,)])
     factor = fit_schedule_to_bank(cfg, 2319)
     s = cfg.SOLVER
-    assert s.MAX_ITER == 5037 and factor == pytest.approx(5037 / 300)  # 16 montages a step
+    assert s.MAX_ITER == 5037 and factor == pytest.approx(5037 / 1280)  # 16 montages a step
     assert (s.WARMUP_ITERS, cfg.MONTAGE.ERF_PERIOD, s.CHECKPOINT_PERIOD, s.STEPS) == (
-        round(30 * factor), round(100 * factor), round(100 * factor), (round(200 * factor),))
+        round(25 * factor), round(100 * factor), round(200 * factor), (round(200 * factor),))
+    assert (s.WARMUP_ITERS, cfg.MONTAGE.ERF_PERIOD) == (
+        round(5037 * 1250 / 64000), round(5037 * 5000 / 64000)) == (98, 394)
     cfg = load(os.path.join(PROJECT, "configs", "demo", "montage_R_18_toy.yaml"))
     cfg.MONTAGE.BANK_PASSES = 1
     fit_schedule_to_bank(cfg, 65)  # shrinking keeps every period >= 1, warm-up below MAX_ITER

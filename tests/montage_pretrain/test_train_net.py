@@ -73,20 +73,38 @@ def test_pretrain_end_to_end_then_resume(train_net, bank_path, tmp_path):
 
 
 def test_bank_passes_sets_the_schedule_from_the_bank(train_net, bank_path, tmp_path):
-    """MONTAGE.BANK_PASSES in setup: the iterations come from the bank's crops (read once when
-    the bank is checked), before the warm-up < MAX_ITER check."""
+    """MONTAGE.BANK_PASSES (139 from Base-Montage.yaml) in setup: the iterations come from the
+    bank's crops (read once when the bank is checked), before the warm-up < MAX_ITER check; a
+    SOLVER.MAX_ITER on the command line wins, logged; both on the command line: one line."""
     from builder.bank import SampleBank
 
     bank = SampleBank(bank_path)
     crops = len(bank.labels)
     bank.close()
-    cfg = train_net.setup(default_argument_parser().parse_args(
-        ["--config-file", CONFIG, "MONTAGE.BANK", bank_path, "OUTPUT_DIR", str(tmp_path)]
-        + TINY + ["MONTAGE.BANK_PASSES", "8"]))
+    no_length = [k_v for pair in zip(TINY[0::2], TINY[1::2]) if pair[0] != "SOLVER.MAX_ITER"
+                 for k_v in pair]
+
+    def setup(out, opts):
+        return train_net.setup(default_argument_parser().parse_args(
+            ["--config-file", CONFIG, "MONTAGE.BANK", bank_path, "OUTPUT_DIR", str(out)] + opts))
+
+    cfg = setup(tmp_path / "default", no_length)
+    assert cfg.MONTAGE.BANK_PASSES == 139
+    assert cfg.SOLVER.MAX_ITER == -(-139 * crops // (4 * 4))
+    assert cfg.MONTAGE.ERF_PERIOD == max(1, round(3 * cfg.SOLVER.MAX_ITER / 64000))
+    assert "MONTAGE.BANK_PASSES=139" in (tmp_path / "default" / "log.txt").read_text()
+
+    cfg = setup(tmp_path / "passes8", no_length + ["MONTAGE.BANK_PASSES", "8"])
     assert cfg.SOLVER.MAX_ITER == -(-8 * crops // (4 * 4))
-    factor = cfg.SOLVER.MAX_ITER / 6
-    assert cfg.MONTAGE.ERF_PERIOD == max(1, round(3 * factor))
-    assert "MONTAGE.BANK_PASSES=8" in (tmp_path / "log.txt").read_text()
+
+    cfg = setup(tmp_path / "explicit", TINY)
+    assert (cfg.SOLVER.MAX_ITER, cfg.MONTAGE.BANK_PASSES, cfg.MONTAGE.ERF_PERIOD) == (6, 0, 3)
+    log = (tmp_path / "explicit" / "log.txt").read_text()
+    assert "SOLVER.MAX_ITER=6 from the command line: MONTAGE.BANK_PASSES 139 -> 0" in log
+
+    with pytest.raises(ValueError, match="both on the command line") as e:
+        setup(tmp_path / "both", TINY + ["MONTAGE.BANK_PASSES", "8"])
+    assert "\n" not in str(e.value) and not (tmp_path / "both").exists()
 
 
 def test_gn_pretraining_hands_off_to_gn_detector(train_net, bank_path, tmp_path):

@@ -2,6 +2,7 @@
 Table 3 arithmetic, merging and resuming (no training: the step runner is mocked)."""
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -665,6 +666,37 @@ def test_bank_schedule_agrees_with_the_trainers_bank_passes(compare, make_bank, 
     bad.write_bytes(b"not hdf5")
     with pytest.raises(BankFormatError):
         compare.bank_size(str(bad))
+
+
+@pytest.mark.parametrize("crops", [723, 1070, 2319, 946_000])
+def test_erf_bank_init_is_what_make_pretrain_and_make_finetune_run_by_default(compare, crops):
+    """The proof arm is the default path (issue 20): make pretrain's config with nothing on the
+    command line sizes itself to the bank exactly as erf_bank_init does (iterations, warm-up,
+    ERF period; batch, LR, canvas, loss), exports at init scale as erf_bank_init hands on, and
+    make finetune's default detector is erf_bank_init's."""
+    from detectron2.config import get_cfg
+    from montage_pretrain.config import (add_montage_config, command_line_length,
+                                         fit_schedule_to_bank, merge_config_file)
+
+    with open(os.path.join(compare.ROOT, "Makefile")) as f:
+        make = dict(re.findall(r"^(PRETRAIN_CONFIG|FINETUNE_CONFIG) \?= (\S+)", f.read(), re.M))
+    assert make == dict(PRETRAIN_CONFIG=compare.PRETRAIN_CONFIG,
+                        FINETUNE_CONFIG=compare.FINETUNE_CONFIG)
+    cfg = get_cfg()
+    add_montage_config(cfg)
+    merge_config_file(cfg, os.path.join(compare.ROOT, make["PRETRAIN_CONFIG"]))
+    assert command_line_length(cfg, ["MONTAGE.BANK", "bank.h5", "SEED", "0"]) is None
+    fit_schedule_to_bank(cfg, crops)
+    plan = dict(train_sha1="0" * 40, threads=1, workers=1, pretrain_iters=150,
+                input_size=compare.SIZES[0]["input_size"])
+    spec = compare.arm_spec("erf_bank_init")
+    arm = compare.bank_schedule(compare.pretrain_settings(plan, "erf_bank_init"), crops)
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS, cfg.MONTAGE.ERF_PERIOD) == (
+        arm["iters"], arm["warmup"], arm["erf_period"])
+    assert (cfg.MONTAGE.INPUT_SIZE, cfg.MONTAGE.LOSS) == (arm["input_size"], arm["loss"])
+    assert arm["config"] == make["PRETRAIN_CONFIG"] and not {"montages", "lr"} & set(arm)
+    assert cfg.MONTAGE.EXPORT_WEIGHT_SCALE == spec["weight_scale"] == "init"
+    assert spec["config"] == make["FINETUNE_CONFIG"] and spec["opts"] == []
 
 
 def test_erf_bank_init_pretrains_passes_over_the_bank(compare, tmp_path, monkeypatch):

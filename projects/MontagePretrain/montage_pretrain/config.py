@@ -4,7 +4,8 @@ from detectron2.config import CfgNode as CN
 
 from .montage import MontageTemplate
 
-__all__ = ["add_montage_config", "assert_montage_cfg", "bank_iterations", "fit_schedule_to_bank",
+__all__ = ["add_montage_config", "assert_montage_cfg", "bank_iterations", "command_line_length",
+           "fit_schedule_to_bank",
            "TRAINABLE_NORMS"]
 
 # Values of MODEL.RESNETS.NORM that pre-training accepts (the export records which one).
@@ -96,7 +97,10 @@ def add_montage_config(cfg):
     # passes; the same MAX_ITER over a bank 400x smaller is 400x more passes, and a CPU demo's
     # 300 x 16 montages over chess's 2,319 crops is 8. With PASSES > 0, MAX_ITER becomes
     # ceil(PASSES x crops / (4 x IMS_PER_BATCH)), and WARMUP_ITERS, STEPS, ERF_PERIOD and
-    # CHECKPOINT_PERIOD scale with it: the config's schedule shape, sized to the bank.
+    # CHECKPOINT_PERIOD scale with it: the config's schedule shape, sized to the bank. The
+    # shipped configs set 139 (Base-Montage.yaml): on chess, R-18 pre-trained that long beat
+    # random init at 30 epochs of fine-tuning on every seed, where 8 and 33 passes tied or lost
+    # (issue 20). A SOLVER.MAX_ITER on the command line turns it off (command_line_length).
     _C.MONTAGE.BANK_PASSES = 0
 
     # Feature-collapse guard (issue 20). Too high a pre-training LR for the bank collapses the
@@ -260,6 +264,26 @@ def bank_iterations(passes, num_crops, montages):
     return max(2, -(-int(passes * num_crops) // (4 * int(montages))))
 
 
+def command_line_length(cfg, opts):
+    """
+    An explicit ``SOLVER.MAX_ITER`` in ``opts`` (the command line's KEY VALUE list) wins over a
+    config's ``MONTAGE.BANK_PASSES``: sets it to 0 in place and returns a line for the log (None
+    when nothing changed). Both given in ``opts``, with passes > 0: ValueError, one line (which
+    one the user meant is not ours to guess).
+    """
+    keys = list(opts[0::2])
+    if "SOLVER.MAX_ITER" not in keys or not cfg.MONTAGE.BANK_PASSES:
+        return None
+    if "MONTAGE.BANK_PASSES" in keys:
+        raise ValueError(
+            f"SOLVER.MAX_ITER and MONTAGE.BANK_PASSES={cfg.MONTAGE.BANK_PASSES} are both on the "
+            "command line: give one (MONTAGE.BANK_PASSES 0 runs SOLVER.MAX_ITER as written)")
+    note = (f"SOLVER.MAX_ITER={cfg.SOLVER.MAX_ITER} from the command line: MONTAGE.BANK_PASSES "
+            f"{cfg.MONTAGE.BANK_PASSES} -> 0 (the schedule as written, not sized to the bank)")
+    cfg.MONTAGE.BANK_PASSES = 0
+    return note
+
+
 def fit_schedule_to_bank(cfg, num_crops):
     """
     ``MONTAGE.BANK_PASSES`` > 0: sizes the schedule to ``num_crops`` (the bank's crops), in
@@ -276,11 +300,11 @@ def fit_schedule_to_bank(cfg, num_crops):
     import logging
 
     s = cfg.SOLVER
-    iters = bank_iterations(passes, num_crops, s.IMS_PER_BATCH)
-    factor = iters / s.MAX_ITER
+    iters, written = bank_iterations(passes, num_crops, s.IMS_PER_BATCH), s.MAX_ITER
+    factor = iters / written
 
-    def scaled(n):
-        return max(1, round(n * factor))
+    def scaled(n):  # n x iters / MAX_ITER as written, rounded from the exact integer product
+        return max(1, round(n * iters / written))
 
     old = (s.MAX_ITER, s.WARMUP_ITERS, cfg.MONTAGE.ERF_PERIOD)
     s.MAX_ITER = iters
