@@ -34,7 +34,7 @@ QUICK       ?= 0#                                   1 = smoke-sized make compare
 DATASET     ?= toy#                                 compare: preset toy|coco_tiny|chess (comma list ok)
 EVAL_SPLIT  ?= valid#                               compare: a preset's eval split: valid, or test (chess; final tables only)
 COMPARE_NAME?=#                                     compare: results key of a dataset by path (default: its folder)
-ARMS        ?=#                                     compare: comma list of scratch,single,global,blockwise,erf (default all; coco_tiny scratch,erf)
+ARMS        ?=#                                     compare: comma list of arms (short: scratch,single,global,blockwise,erf by default, coco_tiny scratch,erf; long: + scratch_bn, hand-offs, erf_bank_init = the default path)
 SEEDS       ?=#                                     compare: comma list of seeds (default 0,1; QUICK=1: 0)
 PRETRAIN_ITERS ?=#                                  compare: pre-training iterations (default 150; QUICK=1: 12)
 FINETUNE_ITERS ?=#                                  compare: fine-tuning iterations (default 200, coco_tiny 100; QUICK=1: 12)

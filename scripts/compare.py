@@ -118,6 +118,10 @@ SCHEDULE_RECIPES = {"erf_hot_init": HOT_RECIPE,
                     "erf_long_init": dict(iters=1200, warmup=15, erf_period=50),
                     "erf_bank_init": dict(passes=PAPER_PASSES)}
 SCHEDULE_ARMS = tuple(SCHEDULE_RECIPES)
+# What a user gets from make pretrain + make finetune as shipped (MONTAGE.BANK_PASSES 139 in
+# Base-Montage.yaml, init-scale export, the toy R-18 FPN detector): the same recipe as this arm
+# (tests/scripts/test_compare.py checks it), which the long protocol's verdict marks.
+DEFAULT_ARM = "erf_bank_init"
 # Hand-off ablations (issue 20), arm: (the arm whose pre-training it shares, the variant of that
 # pre-training's init-scale export that scripts/diagnose_handoff.py --write-variant writes,
 # seeded by the arm's seed): the late stages, BN included, back at the detector's random init

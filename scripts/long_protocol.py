@@ -40,8 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare as C  # noqa: E402
 
 # The arms of the long protocol (issue 20): the two scratch detectors, the two recorded
-# hand-offs of the trained export, and the export at init scale into the same two detectors.
-LONG_ARMS = ("scratch_bn", "scratch", "erf", "erf_frozenbn", "erf_init", "erf_frozenbn_init")
+# hand-offs of the trained export, the export at init scale into the same two detectors, and
+# the default path (C.DEFAULT_ARM: make pretrain + make finetune as shipped).
+LONG_ARMS = ("scratch_bn", "scratch", "erf", "erf_frozenbn", "erf_init", "erf_frozenbn_init",
+             C.DEFAULT_ARM)
 REF = "scratch_bn"
 
 
@@ -315,6 +317,12 @@ def verdict(p):
     return "undecided (seeds disagree)"
 
 
+def verdict_label(arm):
+    """The verdict table's name of an arm: the default path (C.DEFAULT_ARM) says so, since its
+    verdict is the one that tells a user whether pre-training pays on their data."""
+    return f"{arm} (default path)" if arm == C.DEFAULT_ARM else arm
+
+
 def export_health(pre_records):
     """The feature-collapse guard's word on a pre-trained arm's exports (its pre-training
     records over seeds): "collapsed (k of n seeds)", "healthy (n seeds)", or "not measured"
@@ -359,7 +367,7 @@ def report(proto):
         ap_rows.append(row)
         d_rows.append(drow)
     longest = proto.lengths[-1]
-    verdicts = [[a, verdict(paired_at(values, a, longest)),
+    verdicts = [[verdict_label(a), verdict(paired_at(values, a, longest)),
                  export_health(pretrain_records(proto, a, longest))] for a in arms
                 if C.pretrain_arm(a)]
     cost_rows = []

@@ -61,6 +61,15 @@ def mocked_argv(out, data, *extra):
             "--val-images", str(data / "valid"), "--name", "mine"]
 
 
+def test_default_arms_include_the_default_path_and_its_verdict_says_so(proto, compare):
+    """The long protocol runs what make pretrain + make finetune give (erf_bank_init) unless
+    told otherwise, and its verdict row is marked as the default path's."""
+    assert compare.DEFAULT_ARM == "erf_bank_init" and compare.DEFAULT_ARM in compare.ARMS
+    assert compare.DEFAULT_ARM in proto.parse_args(["--out", "x"]).arms.split(",")
+    assert proto.verdict_label("erf_bank_init") == "erf_bank_init (default path)"
+    assert proto.verdict_label("erf_init") == "erf_init"
+
+
 def test_mocked_protocol_runs_every_length_once_and_resumes(proto, compare, tmp_path,
                                                            monkeypatch, capsys):
     fake = FakeSteps(compare.EXPORT_NAME)
