@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a lent GPU machine (device tool, carry [".gpu-kit"], `make gpu-kit`):
 #
-#     bash scripts/gpu_check.sh $OUT             # on the device, < 13 min (default steps: caps 690 s + set-up)
+#     bash scripts/gpu_check.sh $OUT             # on the device, < 14 min (default steps: caps 750 s + set-up)
 #     bash scripts/gpu_check.sh OUT --dry-run    # here, on the CPU, tiny sizes (part of make test)
 #
 # Set-up (skipped by --dry-run, which uses $PYTHON as it is): a venv with --system-site-packages
@@ -18,12 +18,12 @@
 #   stability.jsonl  scripts/benchmark.py --task stability: the pyramid configs at 512 montages x
 #                    224 px (bf16), the unnormalised-FPN control: every loss, finite or not
 #   experiment.json  scripts/gpu_experiment.py: chess (or toy) -> bank -> two Montage-ERF R-18
-#                    pre-trainings (LR 0.025 with the collapse guard on, and the linear rule's
-#                    0.8 x batch / 512 at warn) -> the default exports (init scale) and one as
-#                    trained -> the same R-18 FPN detector from each and
-#                    from random init (scratch_bn), 2 seeds at 32 epochs (+ 1 seed at 8), 9 runs
-#                    side by side -> COCO AP on valid, paired differences, per-stage updates of
-#                    the first 100 iterations
+#                    pre-trainings side by side (the default path as make pretrain runs it,
+#                    sized to the bank; the earlier 512-montage recipe at LR 0.025) -> their
+#                    default exports (init scale) and one as trained -> the same R-18 FPN
+#                    detector from each and from random init (scratch_bn, started at once), 2
+#                    seeds at 32 epochs (+ 1 seed at 8), 9 runs side by side -> COCO AP on
+#                    valid, paired differences, per-stage updates of the first 100 iterations
 #   steps.json       each step's exit code, wall and cap; gpu_check.log: everything printed
 # At most 8 files come back from OUT; intermediate files stay in $WORK.
 set -uo pipefail
@@ -50,10 +50,13 @@ if [ $DRY = 1 ]; then
   BENCH_ARGS=(--task host,step,loader --size tiny --workers 1)
   TEST_ARGS=(tests/montage_pretrain/test_montage.py -k "cuda or assemble")
   PRE_BATCH=4 PRE_SIZE=96 PRE_WORKERS=0 PRE_SECONDS=0 PRE_MIN_ITER=4 PRE_MAX_ITER=4
+  # The default path, bank-sized still, at a tiny size: 1 pass over the dry run's bank.
+  DEFAULT_OPTS="MONTAGE.BANK_PASSES 1 SOLVER.IMS_PER_BATCH 4 MONTAGE.INPUT_SIZE 96
+                MONTAGE.ERF_NUM_IMAGES 2 TEST.PRECISE_BN.NUM_ITER 2"
   FT_ITER=4 FT_SHORT=0 FT_SEEDS=0 FT_BATCH=2 FT_WORKERS=0 DEVICE=cpu AMP=False
   STAB_ARGS=(--size tiny --workers 0)
 else
-  CAP_TESTS=${CAP_TESTS:-90} CAP_BENCH=${CAP_BENCH:-150} CAP_EXP=${CAP_EXP:-480}
+  CAP_TESTS=${CAP_TESTS:-90} CAP_BENCH=${CAP_BENCH:-150} CAP_EXP=${CAP_EXP:-540}
   CAP_STAB=${CAP_STAB:-120}
   CAP_PROFILE=${CAP_PROFILE:-90}
   # The issue-22 setting: R-50, 512 montages, bf16 + channels_last, 14 workers. A low LR (the
@@ -69,6 +72,7 @@ else
   # The paper's 512 montages at 224 px; iterations from the measured rate (below).
   PRE_BATCH=512 PRE_SIZE=224 PRE_WORKERS=12 PRE_SECONDS=${PRE_SECONDS:-75}
   PRE_MIN_ITER=50 PRE_MAX_ITER=3000
+  DEFAULT_OPTS=""                  # the default path exactly as make pretrain runs it
   # 400 x 16 images = 32 epochs of chess train; 9 R-18 fine-tunings side by side (2 seeds x 3
   # arms at FT_ITER, 3 arms at FT_SHORT) at ~0.69 s/iter each on an H200: ~5 min.
   FT_ITER=${FT_ITER:-400} FT_SHORT=${FT_SHORT:-100} FT_SEEDS=${FT_SEEDS:-0,1} FT_BATCH=16
@@ -225,23 +229,25 @@ print(int(min(max(s * rate / b if rate else 300, lo), hi)))
 " "${rate:-}" "$PRE_SECONDS" "$PRE_BATCH" "$PRE_MIN_ITER" "$PRE_MAX_ITER")
   log "pre-training: $iters iterations x $PRE_BATCH montages (measured rate ${rate:-n/a}/s)"
   # The long protocol in one call (scripts/gpu_experiment.py, issue 20): two pre-trainings
-  # (the default path: LR 0.025 at any batch with the feature-collapse guard on; and the linear
-  # rule's 0.8 x batch / 512 with the guard at warn), then scratch_bn / erf_init (the default
-  # export) / erf_hot_init into the same trainable-BN R-18 FPN detector for FT_SEEDS at FT_ITER
-  # (>= 30 epochs of chess train), erf (the export as trained) for the first seed, scratch_bn /
-  # erf_init for the first seed at FT_SHORT too: 9 runs side by side. LR 0.01 for every arm, not
-  # scaled to FT_BATCH: on an H200 (2026-11-27) the linear rule's 0.04 left the BN hand-off at
-  # AP 0.0.
+  # side by side (the default path, make pretrain as shipped: 139 passes over the bank at 16
+  # montages x 128 px, LR 0.025, guard on; and the earlier recipe above at LR 0.025), then
+  # scratch_bn (started at once) / erf_bank_init (the default export of the default path) /
+  # erf_init into the same trainable-BN R-18 FPN detector for FT_SEEDS at FT_ITER (>= 30 epochs
+  # of chess train), erf (the earlier recipe's export as trained) for the first seed,
+  # scratch_bn / erf_bank_init for the first seed at FT_SHORT too: 9 runs side by side. LR 0.01
+  # for every arm, not scaled to FT_BATCH: on an H200 (2026-11-27) the linear rule's 0.04 left
+  # the BN hand-off at AP 0.0.
   $PY scripts/gpu_experiment.py --work "$WORK/exp" --out "$OUT/experiment.json" \
     --bank "$WORK/bank.h5" --train-json "$train_json" --train-images "$train_dir" \
     --val-json "$val_json" --val-images "$val_dir" --device $DEVICE --amp $AMP \
     --pre-batch $PRE_BATCH --pre-size $PRE_SIZE --pre-iters "$iters" --pre-workers $PRE_WORKERS \
     --ft-iters $FT_ITER --ft-short $FT_SHORT --ft-batch $FT_BATCH --ft-workers $FT_WORKERS \
-    --ft-lr "${FT_LR:-0.01}" --seeds "$FT_SEEDS" -- "${FT_SIZE[@]}"
+    --ft-lr "${FT_LR:-0.01}" --seeds "$FT_SEEDS" --default-opts "$DEFAULT_OPTS" \
+    -- "${FT_SIZE[@]}"
 }
 run_step experiment "$CAP_EXP" bash -c "$(declare -f experiment log); $(declare -p \
   KIT WORK OUT DRY PY PRE_BATCH PRE_SIZE PRE_WORKERS PRE_SECONDS PRE_MIN_ITER PRE_MAX_ITER \
-  FT_ITER FT_SHORT FT_SEEDS FT_BATCH FT_WORKERS FT_LR DEVICE AMP); experiment"
+  FT_ITER FT_SHORT FT_SEEDS FT_BATCH FT_WORKERS FT_LR DEVICE AMP DEFAULT_OPTS); experiment"
 
 log "done: $(ls "$OUT" | tr '\n' ' ')"
 $PY -c "

@@ -32,27 +32,31 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     stab = json.loads((out / "stability.jsonl").read_text())["results"]
     assert stab["goal_stable"]["pass"] and all(len(r["losses"]) == 3 for r in stab["runs"])
     exp = json.loads((out / "experiment.json").read_text())
-    assert exp["pretrain"]["iterations"] == 4 and exp["pretrain"]["rc"] == 0
-    # the default export is at init scale, the as-trained one is not (measured per stage)
-    assert all(abs(v - 1) < 0.05 for v in exp["pretrain"]["norm_ratio_default_export"].values())
-    # the default pre-training at the bounded LR with the guard on; the second at the linear
-    # rule's LR with the guard at warn
-    assert exp["pretrain"]["lr"] == 0.025 and exp["pretrain"]["collapse_message"] is None
-    hot = exp["pretrain_hot"]
-    assert hot["rc"] == 0 and hot["lr"] == 0.8 * 4 / 512
-    assert set(hot["norm_ratio_as_trained"]) >= {"stem", "res5"} and hot["loss_trace"]
-    assert hot["feature_pr_trace"] and all(pr >= 0 for _, pr in hot["feature_pr_trace"])
+    pre = exp["pretrain"]  # the earlier recipe, as sized by the script
+    assert pre["iterations"] == 4 and pre["rc"] == 0 and not pre["default_path"]
+    assert pre["lr"] == 0.025 and pre["collapse_message"] is None and pre["bank_passes"] == 0
+    # the default path: the shipped config sized to the bank (1 pass at the dry run's 4
+    # montages: ceil(crops / 16) iterations), warm-up and ERF period scaled with it
+    default = exp["pretrain_default"]
+    assert default["rc"] == 0 and default["default_path"] and default["bank_passes"] == 1
+    assert default["montages"] == 4 and default["lr"] == 0.025 and default["iterations"] >= 2
+    assert "SOLVER.MAX_ITER" not in default["opts"]
+    # the default exports are at init scale, the as-trained one is not (measured per stage)
+    for r in (pre, default):
+        assert all(abs(v - 1) < 0.05 for v in r["norm_ratio_default_export"].values())
+    assert "pretrain_hot" not in exp  # off unless --hot-lr
     diag = exp["diagnosis"]  # random init + three exports, per stage
     assert len(diag) == 4 and all("res5" in d and "pr" in d["res5"] for d in diag.values())
     runs = {r["arm"]: r for r in exp["runs"]}
-    assert sorted(runs) == ["erf", "erf_hot_init", "erf_init", "scratch_bn"]
+    assert sorted(runs) == ["erf", "erf_bank_init", "erf_init", "scratch_bn"]
     assert len(exp["runs"]) == 4
     for r in exp["runs"]:
         assert r["rc"] == 0 and r["bbox"]["AP"] is not None and r["iterations_run"] == 4
         assert r["loss_finite"] and set(r["rel_update_mean"]) >= {"stem", "res5", "fpn"}
-    assert runs["erf_init"]["backbone_tensors_loaded"] > 0  # fine-tuned from the export
+    for arm in ("erf_init", "erf_bank_init"):  # fine-tuned from the export
+        assert runs[arm]["backbone_tensors_loaded"] > 0
     assert runs["scratch_bn"]["backbone_tensors_loaded"] is None
-    assert sorted(p["arm"] for p in exp["paired"]) == ["erf", "erf_hot_init", "erf_init"]
+    assert sorted(p["arm"] for p in exp["paired"]) == ["erf", "erf_bank_init", "erf_init"]
 
 
 def test_gpu_check_runs_only_the_steps_asked_for(tmp_path):
@@ -84,18 +88,20 @@ def _check_profile(prof):
 
 
 def test_experiment_default_jobs_are_nine_runs(load_script):
-    """The device experiment's defaults: 2 seeds x scratch_bn / erf_init / erf_hot_init at
-    the long length, erf (as trained) for seed 0, scratch_bn / erf_init at the short length."""
+    """The device experiment's defaults: 2 seeds x scratch_bn / erf_bank_init (the default
+    path) / erf_init at the long length, erf (as trained) for seed 0, scratch_bn /
+    erf_bank_init at the short length; no hot pre-training unless asked for."""
     exp = load_script("gpu_experiment")
     a = exp.parse_args(["--work", "w", "--out", "o", "--bank", "b", "--train-json", "t",
                         "--train-images", "t", "--val-json", "v", "--val-images", "v"])
-    runs = exp.jobs(a)
+    assert a.hot_lr == 0 and a.default_opts == ""
+    runs = exp.jobs(a, ("scratch_bn", "erf_bank_init", "erf_init", "erf"))
     assert len(runs) == 9 and len(set(runs)) == 9
     assert sorted(r for r in runs if r[2] == a.ft_iters and r[0] != "erf") == sorted(
         (arm, s, a.ft_iters) for s in (0, 1)
-        for arm in ("scratch_bn", "erf_init", "erf_hot_init"))
+        for arm in ("scratch_bn", "erf_bank_init", "erf_init"))
     assert ("erf", 0, a.ft_iters) in runs and ("erf", 1, a.ft_iters) not in runs
     assert sorted(r for r in runs if r[2] == a.ft_short) == [
-        ("erf_init", 0, a.ft_short), ("scratch_bn", 0, a.ft_short)]
-    # without the second pre-training (its arm absent): 7 runs
-    assert len(exp.jobs(a, ("scratch_bn", "erf_init", "erf"))) == 7
+        ("erf_bank_init", 0, a.ft_short), ("scratch_bn", 0, a.ft_short)]
+    # the default path's pre-training failed (its arm absent): 6 runs
+    assert len(exp.jobs(a, ("scratch_bn", "erf_init", "erf"))) == 6
