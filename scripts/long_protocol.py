@@ -317,6 +317,18 @@ def verdict(p):
     return "undecided (seeds disagree)"
 
 
+def recipes_note(arms):
+    """The title's note on arms whose pre-training has a recipe of its own (SCHEDULE_ARMS)."""
+    own = []
+    for a in arms:
+        r = C.SCHEDULE_RECIPES.get(a)
+        if r:
+            own.append(f"{a} {r['passes']} passes over the bank" if "passes" in r else
+                       f"{a} {r['iters']} it" + (f" x {r['montages']} montages at {r['input_size']}"
+                                                 f" px, LR {r['lr']}" if "montages" in r else ""))
+    return f" ({'; '.join(own)})" if own else ""
+
+
 def verdict_label(arm):
     """The verdict table's name of an arm: the default path (C.DEFAULT_ARM) says so, since its
     verdict is the one that tells a user whether pre-training pays on their data."""
@@ -382,7 +394,8 @@ def report(proto):
     title = (f"{name} (eval on {split}): Faster R-CNN R-18 FPN fine-tuned for each length "
              f"({proto.batch} images a batch, {proto.num_images} training images; clip "
              f"{proto.args.clip_grad}); pre-training {proto.base['pretrain_iters']} it at "
-             f"{proto.base['input_size']} px; seeds {proto.args.sweep_seeds} at every length, "
+             f"{proto.base['input_size']} px{recipes_note(arms)}; seeds "
+             f"{proto.args.sweep_seeds} at every length, "
              f"{proto.args.seeds} at the longest")
     text = [title, "", "AP (mean ± std over seeds)", "",
             tabulate(ap_rows, headers=head, tablefmt="github", disable_numparse=True), "",

@@ -68,6 +68,10 @@ def test_default_arms_include_the_default_path_and_its_verdict_says_so(proto, co
     assert compare.DEFAULT_ARM in proto.parse_args(["--out", "x"]).arms.split(",")
     assert proto.verdict_label("erf_bank_init") == "erf_bank_init (default path)"
     assert proto.verdict_label("erf_init") == "erf_init"
+    assert proto.recipes_note(["scratch_bn", "erf"]) == ""
+    assert proto.recipes_note(["erf_bank_init", "erf_long_init", "erf_hot_init"]) == (
+        " (erf_bank_init 139 passes over the bank; erf_long_init 1200 it; "
+        "erf_hot_init 300 it x 512 montages at 64 px, LR 0.8)")
 
 
 def test_mocked_protocol_runs_every_length_once_and_resumes(proto, compare, tmp_path,
