@@ -42,7 +42,7 @@ INPUT_SIZE  ?=#                                     compare: montage canvas px, 
 FT_MIN_SIZE ?=#                                     compare: fine-tuning shorter side, INPUT.MIN_SIZE_TRAIN/TEST, MAX_SIZE scaled (default toy 224, else 320)
 FROZEN      ?= 0#                                   compare: 1 = also fine-tune with the backbone frozen (FREEZE_AT 5)
 PROBES      ?= 1#                                   compare: 0 = skip the kNN / linear probes (scripts/probe.py)
-SCRATCH_LONG?= 0#                                   compare: 1 (= erf) or an arm: add scratch_long, fine-tuned for that arm's total CPU time (Table 3)
+SCRATCH_LONG?= 0#                                   compare: 1 (= erf; PROTOCOL=long: erf_bank_init) or an arm: add scratch_long (long: scratch_bn_long), fine-tuned for that arm's total CPU time (Table 3)
 CLIP_GRAD   ?=#                                     compare: gradient-norm clip of every fine-tuning (default 5.0, the toy configs'; 0 = off)
 COMPARE_THREADS ?= 1#                               compare: OMP/MKL/torch threads of every step (pinned, recorded)
 COMPARE_WORKERS ?= 1#                               compare: DATALOADER.NUM_WORKERS, 0 or 1 (pinned, recorded)
@@ -127,6 +127,7 @@ ifeq ($(PROTOCOL),long)
 	    $(if $(filter 1,$(LONGEST_FIRST)),--longest-first) \
 	    $(if $(CLIP_GRAD),--clip-grad $(CLIP_GRAD)) $(if $(PRETRAIN_ITERS),--pretrain-iters $(PRETRAIN_ITERS)) \
 	    $(if $(FT_MIN_SIZE),--ft-min-size $(FT_MIN_SIZE)) \
+	    $(if $(filter-out 0,$(SCRATCH_LONG)),--table3 $(if $(filter 1,$(SCRATCH_LONG)),erf_bank_init,$(SCRATCH_LONG))) \
 	    --threads $(COMPARE_THREADS) --workers $(COMPARE_WORKERS) --bank-workers $(WORKERS)
 else
 	OMP_NUM_THREADS=$(COMPARE_THREADS) MKL_NUM_THREADS=$(COMPARE_THREADS) $(PY) scripts/compare.py \

@@ -145,7 +145,8 @@ def arm_spec(arm):
     if arm in ("scratch", "scratch_long"):
         return dict(pretrain=None, config=SCRATCH_CONFIG, opts=[], probe=True, frozen=True,
                     ref="scratch")
-    if arm == "scratch_bn":  # random init, trainable BN, FREEZE_AT 0: erf's detector
+    if arm in ("scratch_bn", "scratch_bn_long"):  # random init, trainable BN, FREEZE_AT 0
+        # (erf's detector); scratch_bn_long: the long protocol's Table 3 twin (--table3)
         return dict(pretrain=None, config=FINETUNE_CONFIG, opts=[], probe=False, frozen=False,
                     ref="scratch_bn")
     if arm == "erf_gn":
@@ -519,7 +520,8 @@ def finetune_settings(plan, arm, step):
     part of them (a trained detector is evaluated on every split asked for)."""
     spec = arm_spec(arm)
     pre = pretrain_settings(plan, arm) if pretrain_arm(arm) else None
-    iters = f"total CPU of {plan['table3']}" if arm == "scratch_long" else plan["finetune_iters"]
+    matched = arm in ("scratch_long", "scratch_bn_long")  # for the total CPU of plan's table3
+    iters = f"total CPU of {plan['table3']}" if matched else plan["finetune_iters"]
     ft = dict(config=spec["config"], iters=iters, ft_min_size=plan["ft_min_size"],
               frozen=step == "frozen")
     if spec.get("weight_scale"):  # absent otherwise: the sids of the other arms unchanged
@@ -530,7 +532,7 @@ def finetune_settings(plan, arm, step):
         ft["opts"] = spec["opts"]
     if plan.get("clip_grad"):  # absent when off: the sids of the unclipped records stay valid
         ft["clip_grad"] = plan["clip_grad"]
-    if arm == "scratch_long":
+    if matched:
         ft["matched_to"] = finetune_settings(plan, plan["table3"], "finetune")
     return dict(data=dict(train_sha1=plan["train_sha1"]), runtime=runtime_settings(plan),
                 pretrain=pre, finetune=ft)

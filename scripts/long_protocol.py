@@ -23,7 +23,12 @@ detector), at several fine-tuning lengths:
   max over seeds), the paired difference to ``scratch_bn`` (the same detector from random init)
   per length, the same against total CPU time (pre-training + fine-tuning: the paper's Table 3
   view), and a verdict per pre-trained arm at the longest length: pays / does not pay /
-  undecided (the paired differences' signs).
+  undecided (the paired differences' signs);
+* ``--table3 ARM``: the paper's Table 3 at equal total compute, ``scratch_bn_long`` (random init,
+  ``scratch_bn``'s detector) fine-tuned for ARM's total CPU time (pre-training + fine-tuning at
+  the longest length, same seed; iterations at ARM's CPU-s per fine-tuning iteration) for every
+  seed of the longest length, once ARM's run of that seed is done; the report adds ARM −
+  scratch_bn_long per seed.
 """
 import argparse
 import contextlib
@@ -45,6 +50,7 @@ import compare as C  # noqa: E402
 LONG_ARMS = ("scratch_bn", "scratch", "erf", "erf_frozenbn", "erf_init", "erf_frozenbn_init",
              C.DEFAULT_ARM)
 REF = "scratch_bn"
+LONG_REF = "scratch_bn_long"  # --table3: REF's detector for a Montage arm's total CPU time
 
 
 def parse_args(argv=None):
@@ -63,6 +69,9 @@ def parse_args(argv=None):
     r.add_argument("--sweep-seeds", default="0", help="seeds at every length")
     r.add_argument("--lengths", default="auto",
                    help="comma list of fine-tuning iterations, or auto (see the docstring)")
+    r.add_argument("--table3", default="", metavar="ARM",
+                   help=f"add {LONG_REF} at the longest length: random init fine-tuned for "
+                        "ARM's total CPU time (pre-training + fine-tuning), same seed")
     r.add_argument("--longest-first", action="store_true",
                    help="run the longest length first (the decisive one), then the shorter")
     r.add_argument("--epochs", type=float, default=30.0, help="auto: epochs of the longest")
@@ -180,6 +189,9 @@ class Protocol:
                 raise SystemExit(f"unknown arm {arm}; arms: {', '.join(C.ARMS)}")
         if REF not in self.arms:
             raise SystemExit(f"--arms must include {REF}: every difference is paired to it")
+        self.table3 = args.table3
+        if self.table3 and (self.table3 not in self.arms or not C.pretrain_arm(self.table3)):
+            raise SystemExit(f"--table3 {self.table3}: name a pre-trained arm of --arms")
         self.seeds = C.parse_list(args.seeds, int)
         self.sweep_seeds = C.parse_list(args.sweep_seeds, int)
         self.num_images = train_images_used(self.base["train_json"])
@@ -206,7 +218,10 @@ class Protocol:
     def plan(self, length):
         return dict(self.base, finetune_iters=length, arms=list(self.arms),
                     checkpoint_period=self.args.checkpoint_period,
-                    trace_iters=self.args.trace_iters)
+                    trace_iters=self.args.trace_iters, table3=self.table3 or None)
+
+    def report_arms(self):
+        return list(self.arms) + ([LONG_REF] if self.table3 else [])
 
     def comparison(self, length):
         return C.Comparison(self.plan(length), self.out, self.results, self.save)
@@ -215,8 +230,21 @@ class Protocol:
         return length * self.batch / self.num_images
 
     def queue(self):
-        return jobs(self.lengths, self.seeds, self.sweep_seeds, self.arms,
-                    self.args.longest_first)
+        out = jobs(self.lengths, self.seeds, self.sweep_seeds, self.arms, self.args.longest_first)
+        if self.table3:  # after everything else: each waits for its seed's Montage run
+            out += [(self.lengths[-1], s, LONG_REF)
+                    for s in sorted(set(self.seeds) | set(self.sweep_seeds))]
+        return out
+
+    def matched_record(self, job):
+        """--table3: the finished, not diverged fine-tuning of the Montage arm whose total CPU
+        time ``job`` (a LONG_REF job) matches; None while there is none."""
+        n, s, _ = job
+        cmp = self.comparison(n)
+        rec = cmp.done(self.table3, s, "finetune", C.step_sid(cmp.p, self.table3, "finetune"))
+        if rec and cmp.val_key in rec.get("metrics", {}) and not rec.get("diverged"):
+            return rec
+        return None
 
     def is_done(self, job):
         n, s, a = job
@@ -227,6 +255,13 @@ class Protocol:
     def run_job(self, job):
         n, s, a = job
         cmp = self.comparison(n)
+        if a == LONG_REF:
+            rec = self.matched_record(job)
+            ft_cpu, _ = C.whole_run_cpu_s(rec)
+            iters = C.scratch_long_iters(n, rec["pretrain_cpu_s"], ft_cpu)
+            return cmp.finetune(a, s, "finetune", iters=iters, matched=dict(
+                arm=self.table3, pretrain_cpu_s=rec["pretrain_cpu_s"], finetune_cpu_s=ft_cpu,
+                finetune_iters=n))
         pre, weights = None, ""
         if C.pretrain_arm(a):
             # One pre-training per arm and seed, shared by every length: the first lane to get
@@ -246,6 +281,8 @@ class Protocol:
             for job in self.queue():
                 if self.is_done(job):
                     continue
+                if job[2] == LONG_REF and not self.matched_record(job):
+                    continue  # its Montage run is not done yet (or diverged)
                 with claim(self.out, job) as mine:
                     if not mine:
                         continue
@@ -281,7 +318,7 @@ def collect(proto):
     values = {}
     for n in proto.lengths:
         cmp = proto.comparison(n)
-        for a in proto.arms:
+        for a in proto.report_arms():
             sid = C.step_sid(cmp.p, a, "finetune")
             for s in sorted(set(proto.seeds) | set(proto.sweep_seeds)):
                 rec = cmp.done(a, s, "finetune", sid)
@@ -292,6 +329,7 @@ def collect(proto):
                 ft_cpu, estimated = C.whole_run_cpu_s(rec)
                 values.setdefault(a, {}).setdefault(n, {})[s] = dict(
                     AP=m["AP"], AP50=m["AP50"], diverged=bool(m.get("diverged")),
+                    iters=rec.get("iters", n),
                     cpu=ft_cpu + rec.get("pretrain_cpu_s", 0.0),
                     pretrain_cpu=rec.get("pretrain_cpu_s", 0.0), cpu_estimated=estimated)
     return values
@@ -363,7 +401,7 @@ def report(proto):
     from tabulate import tabulate
 
     values = collect(proto)
-    arms = [a for a in proto.arms if a in values]
+    arms = [a for a in proto.report_arms() if a in values]
     name, split = proto.base["name"], proto.base["split"]
     head = ["arm"] + [f"{n} it ({proto.epochs(n):.0f} ep)" for n in proto.lengths]
     ap_rows, d_rows = [], []
@@ -408,6 +446,8 @@ def report(proto):
             tabulate(cost_rows, headers=["arm", "fine-tune it", "total CPU-s",
                                          "pre-train CPU-s", "AP"], tablefmt="github",
                      disable_numparse=True), ""]
+    if proto.table3:
+        text += table3_lines(proto, values, longest)
     if any("≈" in row[2] for row in cost_rows):
         text += ["≈: a resumed fine-tuning; its CPU-s measured over the resumed part, scaled to "
                  "all its iterations.", ""]
@@ -417,6 +457,24 @@ def report(proto):
         f.write("\n".join(text))
     chart(proto, values, arms, stem + ".png")
     return values
+
+
+def table3_lines(proto, values, longest):
+    """The report's Table 3 section: the Montage arm against LONG_REF at equal total CPU time."""
+    runs = values.get(LONG_REF, {}).get(longest, {})
+    head = (f"Table 3 at equal total CPU time: {proto.table3} (pre-training + {longest} it) − "
+            f"{LONG_REF} (random init, the same detector, fine-tuned for that CPU time), "
+            "same seed")
+    if not runs:
+        return [head, "", "not run yet", ""]
+    its = ", ".join(f"seed {s}: {r['iters']} it ({proto.epochs(r['iters']):.0f} epochs)"
+                    for s, r in sorted(runs.items()))
+    p = paired_at(values, proto.table3, longest, ref=LONG_REF)
+    if not p:
+        return [head, "", f"{LONG_REF}: {its}", "", "Δ AP: n/a (no seed with both)", ""]
+    per_seed = ", ".join(f"seed {s} {d:+.2f}" for s, d in p["per_seed"].items())
+    return [head, "", f"{LONG_REF}: {its}", "",
+            f"Δ AP: {C._fmt_paired(p)} ({per_seed}); {verdict(p)}", ""]
 
 
 def chart(proto, values, arms, path):
@@ -436,7 +494,7 @@ def chart(proto, values, arms, path):
             if not runs:
                 continue
             aps = [r["AP"] for r in runs.values()]
-            xs.append(proto.epochs(n))
+            xs.append(statistics.mean(proto.epochs(r["iters"]) for r in runs.values()))
             ys.append(statistics.mean(aps))
             lo.append(ys[-1] - min(aps))
             hi.append(max(aps) - ys[-1])

@@ -74,6 +74,37 @@ def test_default_arms_include_the_default_path_and_its_verdict_says_so(proto, co
         "erf_hot_init 300 it x 512 montages at 64 px, LR 0.8)")
 
 
+def test_table3_fine_tunes_random_init_for_the_montage_arms_total_cpu(proto, compare, tmp_path,
+                                                                      monkeypatch):
+    """--table3 ARM: scratch_bn_long runs once ARM's longest run of its seed is done, for
+    ARM's total CPU time at ARM's CPU-s per iteration (fakes: pre-training 100 CPU-s,
+    fine-tuning 200: 24 x 300 / 200 = 36 it), with scratch_bn's detector; the report pairs
+    them. A --table3 arm that is not pre-trained or not run is refused."""
+    fake = FakeSteps(compare.EXPORT_NAME)
+    data = mocked_steps(compare, monkeypatch, tmp_path, fake, ("train", "valid"))
+    import montage_pretrain.export as export
+    monkeypatch.setattr(export, "rescale_export", lambda src, dst: open(dst, "w").close() or {})
+    out = tmp_path / "out"
+    argv = mocked_argv(out, data, "--arms", "scratch_bn,erf_init", "--seeds", "0,1",
+                       "--sweep-seeds", "0", "--table3", "erf_init", "--longest-first")
+    assert proto.main(argv) == 0
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    long_runs = {r["seed"]: r for r in results.values() if r["arm"] == "scratch_bn_long"}
+    assert sorted(long_runs) == [0, 1]
+    for r in long_runs.values():
+        assert r["iters"] == 36 and r["matched_to"]["arm"] == "erf_init"
+        assert r["settings"]["finetune"]["config"] == compare.FINETUNE_CONFIG
+        assert r["settings"]["finetune"]["iters"] == "total CPU of erf_init"
+    text = (out / "long_mine_valid.md").read_text()
+    assert "Table 3 at equal total CPU time: erf_init (pre-training + 24 it)" in text
+    assert "seed 0: 36 it" in text and "Δ AP: +1.99 [+1.99, +1.99]" in text  # 3.024 - 1.036
+    for bad in ("scratch_bn", "erf"):  # not pre-trained / not in --arms
+        with pytest.raises(SystemExit, match="--table3"):
+            proto.main(mocked_argv(out, data, "--arms", "scratch_bn,erf_init",
+                                   "--table3", bad, "--report-only"))
+
+
 def test_mocked_protocol_runs_every_length_once_and_resumes(proto, compare, tmp_path,
                                                            monkeypatch, capsys):
     fake = FakeSteps(compare.EXPORT_NAME)
