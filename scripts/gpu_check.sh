@@ -241,6 +241,7 @@ print(int(min(max(s * rate / b if rate else 300, lo), hi)))
     --bank "$WORK/bank.h5" --train-json "$train_json" --train-images "$train_dir" \
     --val-json "$val_json" --val-images "$val_dir" --device $DEVICE --amp $AMP \
     --pre-batch $PRE_BATCH --pre-size $PRE_SIZE --pre-iters "$iters" --pre-workers $PRE_WORKERS \
+    --default-workers $([ $DRY = 1 ] && echo 0 || echo 4) \
     --ft-iters $FT_ITER --ft-short $FT_SHORT --ft-batch $FT_BATCH --ft-workers $FT_WORKERS \
     --ft-lr "${FT_LR:-0.01}" --seeds "$FT_SEEDS" --default-opts "$DEFAULT_OPTS" \
     -- "${FT_SIZE[@]}"

@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--pre-size", type=int, default=224)
     p.add_argument("--pre-iters", type=int, default=300)
     p.add_argument("--pre-workers", type=int, default=12)
+    p.add_argument("--default-workers", type=int, default=4,
+                   help="loader workers of the default-path pre-training (16 montages a step; "
+                        "it shares the CPU with the other pre-training and scratch_bn's runs)")
     p.add_argument("--ft-iters", type=int, default=500)
     p.add_argument("--ft-short", type=int, default=100)
     p.add_argument("--ft-batch", type=int, default=16)
@@ -101,9 +104,10 @@ def run_pretraining(a, name, lr=None, extra=()):
     default path (the config as shipped, sized to the bank); ``extra``: more config opts.
     -> (its record, its folder)."""
     d = os.path.join(a.work, name)
+    workers = a.pre_workers if lr is not None else a.default_workers
     cmd = [sys.executable, "projects/MontagePretrain/train_net.py", "--config-file", PRE_CONFIG,
            "MONTAGE.BANK", a.bank, "OUTPUT_DIR", d, "MODEL.DEVICE", a.device, "SEED", "0",
-           "DATALOADER.NUM_WORKERS", str(a.pre_workers)]
+           "DATALOADER.NUM_WORKERS", str(workers)]
     if lr is not None:
         cmd += ["SOLVER.IMS_PER_BATCH", str(a.pre_batch), "SOLVER.BASE_LR", str(lr),
                 "SOLVER.MAX_ITER", str(a.pre_iters),
