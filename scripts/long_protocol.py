@@ -290,8 +290,9 @@ class Protocol:
                     if self.is_done(job):
                         continue
                     n, s, a = job
-                    print(f"[lane {lane}] {a} seed {s}: {n} it "
-                          f"({self.epochs(n):.1f} epochs)", flush=True)
+                    what = (f"{self.table3}'s total CPU at {n} it" if a == LONG_REF else
+                            f"{n} it ({self.epochs(n):.1f} epochs)")
+                    print(f"[lane {lane}] {a} seed {s}: {what}", flush=True)
                     try:
                         self.run_job(job)
                     except C.NotTrained as e:  # --trained-only: skipped, the queue goes on
