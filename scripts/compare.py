@@ -131,6 +131,9 @@ HANDOFF_ARMS = {"erf_reinit_res5_init": ("erf", "reinit_res5"),
 ARMS = VARIANTS + NORM_ARMS + PYRAMID_ARMS + SCALE_ARMS + SCHEDULE_ARMS + tuple(HANDOFF_ARMS)
 ARM_ORDER = (("scratch", "scratch_long") + VARIANTS[1:] + PYRAMID_ARMS + NORM_ARMS + SCALE_ARMS
              + SCHEDULE_ARMS + tuple(HANDOFF_ARMS))
+# Random init fine-tuned for a Montage arm's total CPU time (the paper's Table 3): scratch's
+# detector (compare.py --table3), scratch_bn's (long_protocol.py --table3).
+TABLE3_ARMS = ("scratch_long", "scratch_bn_long")
 FROZENBN_OPTS = ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2"]
 
 
@@ -146,7 +149,7 @@ def arm_spec(arm):
         return dict(pretrain=None, config=SCRATCH_CONFIG, opts=[], probe=True, frozen=True,
                     ref="scratch")
     if arm in ("scratch_bn", "scratch_bn_long"):  # random init, trainable BN, FREEZE_AT 0
-        # (erf's detector); scratch_bn_long: the long protocol's Table 3 twin (--table3)
+        # (erf's detector); scratch_bn_long: the long protocol's Table 3 twin (TABLE3_ARMS)
         return dict(pretrain=None, config=FINETUNE_CONFIG, opts=[], probe=False, frozen=False,
                     ref="scratch_bn")
     if arm == "erf_gn":
@@ -520,7 +523,7 @@ def finetune_settings(plan, arm, step):
     part of them (a trained detector is evaluated on every split asked for)."""
     spec = arm_spec(arm)
     pre = pretrain_settings(plan, arm) if pretrain_arm(arm) else None
-    matched = arm in ("scratch_long", "scratch_bn_long")  # for the total CPU of plan's table3
+    matched = arm in TABLE3_ARMS  # fine-tuned for the total CPU time of plan's table3 arm
     iters = f"total CPU of {plan['table3']}" if matched else plan["finetune_iters"]
     ft = dict(config=spec["config"], iters=iters, ft_min_size=plan["ft_min_size"],
               frozen=step == "frozen")
@@ -1029,11 +1032,17 @@ class Comparison:
             print(f"{self.key(arm, seed, 'finetune', ft['sid'])} diverged: no total CPU time to "
                   "match, scratch_long skipped for this seed", flush=True)
         elif arm == self.p["table3"]:
-            n = scratch_long_iters(self.p["finetune_iters"], ft["pretrain_cpu_s"],
-                                   ft["cpu_s"])
-            self.finetune("scratch_long", seed, "finetune", iters=n, matched=dict(
-                arm=arm, pretrain_cpu_s=ft["pretrain_cpu_s"], finetune_cpu_s=ft["cpu_s"],
-                finetune_iters=self.p["finetune_iters"]))
+            self.finetune_matched("scratch_long", seed, ft)
+
+    def finetune_matched(self, long_arm, seed, ft):
+        """Table 3: fine-tunes ``long_arm`` (random init, one of TABLE3_ARMS) for the total CPU
+        time of ``ft``, the finished fine-tuning record of the plan's table3 arm on ``seed``
+        (its pre-training + its whole fine-tuning, resumed or not)."""
+        ft_cpu, _ = whole_run_cpu_s(ft)
+        n = scratch_long_iters(ft["iters"], ft["pretrain_cpu_s"], ft_cpu)
+        return self.finetune(long_arm, seed, "finetune", iters=n, matched=dict(
+            arm=self.p["table3"], pretrain_cpu_s=ft["pretrain_cpu_s"], finetune_cpu_s=ft_cpu,
+            finetune_iters=ft["iters"]))
 
     def view(self):
         """What :func:`report` needs to select this comparison's records."""

@@ -256,12 +256,7 @@ class Protocol:
         n, s, a = job
         cmp = self.comparison(n)
         if a == LONG_REF:
-            rec = self.matched_record(job)
-            ft_cpu, _ = C.whole_run_cpu_s(rec)
-            iters = C.scratch_long_iters(n, rec["pretrain_cpu_s"], ft_cpu)
-            return cmp.finetune(a, s, "finetune", iters=iters, matched=dict(
-                arm=self.table3, pretrain_cpu_s=rec["pretrain_cpu_s"], finetune_cpu_s=ft_cpu,
-                finetune_iters=n))
+            return cmp.finetune_matched(a, s, self.matched_record(job))
         pre, weights = None, ""
         if C.pretrain_arm(a):
             # One pre-training per arm and seed, shared by every length: the first lane to get
