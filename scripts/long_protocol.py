@@ -50,6 +50,7 @@ import compare as C  # noqa: E402
 LONG_ARMS = ("scratch_bn", "scratch", "erf", "erf_frozenbn", "erf_init", "erf_frozenbn_init",
              C.DEFAULT_ARM)
 REF = "scratch_bn"
+GN_REF = "scratch"  # the GN detector from random init: the other from-scratch baseline
 LONG_REF = "scratch_bn_long"  # --table3: REF's detector for a Montage arm's total CPU time
 
 
@@ -442,6 +443,7 @@ def report(proto):
             tabulate(cost_rows, headers=["arm", "fine-tune it", "total CPU-s",
                                          "pre-train CPU-s", "AP"], tablefmt="github",
                      disable_numparse=True), ""]
+    text += against_gn_lines(values, proto.lengths, proto.epochs)
     if proto.table3:
         text += table3_lines(proto, values, longest)
     if any("≈" in row[2] for row in cost_rows):
@@ -453,6 +455,26 @@ def report(proto):
         f.write("\n".join(text))
     chart(proto, values, arms, stem + ".png")
     return values
+
+
+def against_gn_lines(values, lengths, epochs):
+    """The report's section on the default path (C.DEFAULT_ARM, a BN detector) against GN_REF
+    (a GN detector from random init, the usual from-scratch recipe), paired by seed at each
+    length both ran; [] while they share none."""
+    rows = []
+    for n in lengths:
+        p = paired_at(values, C.DEFAULT_ARM, n, ref=GN_REF)
+        if p:
+            rows.append([f"{n} it ({epochs(n):.0f} ep)", C._fmt_paired(p),
+                         ", ".join(f"{s}: {d:+.2f}" for s, d in p["per_seed"].items()),
+                         verdict(p)])
+    if not rows:
+        return []
+    from tabulate import tabulate
+
+    return [f"{C.DEFAULT_ARM} (default path) − {GN_REF} (GN detector from random init), same seed",
+            "", tabulate(rows, headers=["length", "Δ AP mean [min, max]", "per seed", "verdict"],
+                         tablefmt="github", disable_numparse=True), ""]
 
 
 def table3_lines(proto, values, longest):

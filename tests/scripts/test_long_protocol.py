@@ -243,3 +243,20 @@ def test_export_health_reports_the_guards_word(proto):
     assert proto.export_health([ok, bad, old]) == "collapsed (1 of 3 seeds)"
     assert proto.export_health([ok, old]) == "not measured"
     assert proto.export_health([]) == "not measured"
+
+
+def test_report_pairs_the_default_path_with_scratch_gn_by_seed(proto, compare):
+    """The default path against the GN detector from random init: paired by seed, at the
+    lengths both ran; no section while they share none."""
+    def run(ap):
+        return dict(AP=ap)
+
+    values = {compare.DEFAULT_ARM: {10: {0: run(50.0)}, 20: {0: run(74.0), 1: run(73.0)}},
+              proto.GN_REF: {20: {0: run(73.0), 1: run(73.5), 2: run(80.0)}}}
+    text = "\n".join(proto.against_gn_lines(values, [10, 20], lambda n: n / 10))
+    assert "erf_bank_init (default path) − scratch (GN detector" in text
+    assert "10 it" not in text  # scratch did not run there
+    assert "| 20 it (2 ep) |" in text and "0: +1.00, 1: -0.50" in text
+    assert "undecided (seeds disagree)" in text
+    assert proto.against_gn_lines({compare.DEFAULT_ARM: values[compare.DEFAULT_ARM]},
+                                  [10, 20], lambda n: n) == []
