@@ -50,7 +50,8 @@ COMPARE_OUT ?= output/compare#                      compare: results.json, table
 PROTOCOL    ?= short#                                compare: short (one length) or long (AP against fine-tuning length, scripts/long_protocol.py)
 LANES       ?= 2#                                    compare PROTOCOL=long: processes sharing the job queue
 LENGTHS     ?= auto#                                 compare PROTOCOL=long: fine-tuning iterations, auto = 200 doubled up to 30 epochs
-LONG_SEEDS  ?= 0,1,2#                                compare PROTOCOL=long: seeds at the longest length (seed 0 at every length)
+LONG_SEEDS  ?= 0,1,2#                                compare PROTOCOL=long: seeds at the longest length
+SWEEP_SEEDS ?= 0#                                    compare PROTOCOL=long: seeds at every length
 LONGEST_FIRST ?= 0#                              compare PROTOCOL=long: 1 = the longest length (the decisive one) first
 _CMP_BY_PATH = $(filter-out file default undefined,$(foreach v,DATA_ROOT TRAIN_JSON TRAIN_IMAGES VAL_JSON VAL_IMAGES,$(origin $(v))))
 
@@ -123,7 +124,7 @@ ifeq ($(PROTOCOL),long)
 	    --quick $(QUICK) --out $(COMPARE_OUT) $(if $(_CMP_BY_PATH),--train-json $(TRAIN_JSON) \
 	    --train-images $(TRAIN_IMAGES) --val-json $(VAL_JSON) --val-images $(VAL_IMAGES) \
 	    $(if $(COMPARE_NAME),--name $(COMPARE_NAME)),--dataset $(DATASET) --eval-split $(EVAL_SPLIT)) \
-	    $(if $(ARMS),--arms $(ARMS)) --seeds $(LONG_SEEDS) --lengths $(LENGTHS) --lanes $(LANES) \
+	    $(if $(ARMS),--arms $(ARMS)) --seeds $(LONG_SEEDS) --sweep-seeds $(SWEEP_SEEDS) --lengths $(LENGTHS) --lanes $(LANES) \
 	    $(if $(filter 1,$(LONGEST_FIRST)),--longest-first) \
 	    $(if $(CLIP_GRAD),--clip-grad $(CLIP_GRAD)) $(if $(PRETRAIN_ITERS),--pretrain-iters $(PRETRAIN_ITERS)) \
 	    $(if $(FT_MIN_SIZE),--ft-min-size $(FT_MIN_SIZE)) \

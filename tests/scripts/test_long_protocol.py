@@ -174,13 +174,13 @@ def test_make_compare_protocol_long_reaches_long_protocol_py(proto):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     text = subprocess.run(["make", "-n", "--no-print-directory", "compare", "PROTOCOL=long",
                            "DATASET=chess", "ARMS=scratch_bn,erf_init", "LONG_SEEDS=0,1",
-                           "LENGTHS=100,300", "LANES=3", "COMPARE_OUT=o"], cwd=root,
+                           "SWEEP_SEEDS=0,2", "LENGTHS=100,300", "LANES=3", "COMPARE_OUT=o"], cwd=root,
                           capture_output=True, text=True, check=True).stdout
     line = next(x for x in text.replace("\\\n", " ").splitlines() if "long_protocol.py" in x)
     words = shlex.split(line)
     args = proto.parse_args(words[words.index("scripts/long_protocol.py") + 1:])
-    assert (args.dataset, args.arms, args.seeds, args.lengths, args.lanes, args.out) == (
-        "chess", "scratch_bn,erf_init", "0,1", "100,300", 3, "o")
+    assert (args.dataset, args.arms, args.seeds, args.sweep_seeds, args.lengths, args.lanes,
+            args.out) == ("chess", "scratch_bn,erf_init", "0,1", "0,2", "100,300", 3, "o")
     assert not args.longest_first
     text = subprocess.run(["make", "-n", "--no-print-directory", "compare", "PROTOCOL=long",
                            "LONGEST_FIRST=1"], cwd=root, capture_output=True, text=True,
